@@ -1,0 +1,109 @@
+"""Command line: ``python -m efficienttrain show NAME`` prints a curriculum's stage table.
+
+Examples::
+
+    python -m efficienttrain list
+    python -m efficienttrain show etpp --epochs 200
+    python -m efficienttrain show et --epochs 300 --final-size 384 --multiple-of 32 --json
+    python -m efficienttrain show my_curriculum.yaml --plot curriculum.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from .curriculum import BUILTIN, DEFAULT_MULTIPLE_OF, Curriculum, CurriculumError, get_curriculum
+
+DEFAULT_EPOCHS = {"epochs": 300.0, "compute": 200.0}
+
+
+def format_table(cur: Curriculum, epochs: float, baseline_epochs: float) -> str:
+    unit = "epochs" if cur.budget == "epochs" else "equivalent epochs at the final size"
+    lines = [
+        f"curriculum {cur.name!r}: budget {epochs:g} {unit}, final size {cur.final_size}"
+        + (f" ({cur.description})" if cur.description else ""),
+        f"{'stage':>5} {'size':>5} {'RandAug m':>11} {'share':>7} {'replay':>6} {'data epochs':>12} {'start':>9} {'end':>9}",
+    ]
+    for r in cur.table(epochs):
+        m = (f"{r['magnitude_start']:.1f}" if r["magnitude_start"] == r["magnitude_end"]
+             else f"{r['magnitude_start']:.1f}-{r['magnitude_end']:.1f}")
+        lines.append(f"{r['stage']:>5} {r['size']:>5} {m:>11} {r['share']:>7.3f} {r['replay_times']:>6} "
+                     f"{r['data_epochs']:>12.2f} {r['data_epoch_start']:>9.2f} {r['data_epoch_end']:>9.2f}")
+    lines.append(f"compute: {cur.compute(epochs):.2f} equivalent epochs at {cur.final_size}; "
+                 f"speedup vs baseline {baseline_epochs:g} epochs: {cur.speedup(epochs, baseline_epochs):.2f}x (pixel cost)")
+    return "\n".join(lines)
+
+
+def plot_curriculum(cur: Curriculum, path: str, epochs: float, baseline_epochs: float = 300.0) -> None:
+    """Input size and RandAug magnitude against budget progress, with data epochs on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    xs, sizes, mags = [], [], []
+    for (b0, b1), st in zip(cur.boundaries(), cur.stages):
+        xs += [b0, b1]
+        sizes += [st.size, st.size]
+        mags += [st.magnitude_at(0.0), st.magnitude_at(1.0)]
+    ax.plot(xs, sizes, color="tab:blue", lw=2)
+    ax.set_xlabel("budget consumed (" + ("epochs" if cur.budget == "epochs" else "compute") + " fraction)")
+    ax.set_ylabel("input size B", color="tab:blue")
+    ax.set_ylim(0, cur.final_size * 1.1)
+    ax2 = ax.twinx()
+    ax2.plot(xs, mags, color="tab:orange", lw=2, ls="--")
+    ax2.set_ylabel("RandAug magnitude m", color="tab:orange")
+    ax2.set_ylim(0, max(max(mags), 1.0) * 1.1)
+    ax.set_title(f"{cur.name}: {cur.compute(epochs):.0f} eq. epochs, "
+                 f"{cur.speedup(epochs, baseline_epochs):.2f}x vs baseline {baseline_epochs:g} epochs")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m efficienttrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the built-in curricula")
+    show = sub.add_parser("show", help="print a curriculum's stage table")
+    show.add_argument("name", help=f"built-in name ({', '.join(BUILTIN)}) or a YAML file")
+    show.add_argument("--epochs", type=float, default=None,
+                      help="budget: epochs (epochs mode, default 300) or equivalent epochs (compute mode, default 200)")
+    show.add_argument("--baseline-epochs", type=float, default=300.0, help="baseline for the speedup (default 300)")
+    show.add_argument("--final-size", type=int, default=224)
+    show.add_argument("--multiple-of", type=int, default=DEFAULT_MULTIPLE_OF,
+                      help=f"round sizes to multiples of this (patch size; 32 for ConvNets; default {DEFAULT_MULTIPLE_OF})")
+    show.add_argument("--json", action="store_true", help="print JSON instead of a text table")
+    show.add_argument("--plot", metavar="FILE.png", help="also write a plot of size and magnitude vs progress")
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        for name, fn in BUILTIN.items():
+            cur = fn()
+            print(f"{name:<15} {cur.budget:<8} {' '.join(str(s.size) for s in cur.stages):<42} {cur.description}")
+        return 0
+    try:
+        cur = get_curriculum(args.name, final_size=args.final_size, multiple_of=args.multiple_of)
+        epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[cur.budget]
+        if args.json:
+            print(json.dumps({
+                **cur.to_dict(), "epochs": epochs, "baseline_epochs": args.baseline_epochs,
+                "compute": cur.compute(epochs), "speedup": cur.speedup(epochs, args.baseline_epochs),
+                "table": cur.table(epochs)}, indent=2))
+        else:
+            print(format_table(cur, epochs, args.baseline_epochs))
+        if args.plot:
+            plot_curriculum(cur, args.plot, epochs, args.baseline_epochs)
+            print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    except CurriculumError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

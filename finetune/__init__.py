@@ -1,0 +1,1 @@
+"""Fine-tuning, linear probing and supervised curriculum training from pretrained encoders."""

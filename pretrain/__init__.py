@@ -1,0 +1,1 @@
+"""MAE pretraining driven by the EfficientTrain++ curriculum (model, targets, data, entry point)."""
