@@ -92,9 +92,11 @@ if [[ $WITH_DET == 1 ]]; then
     if ! ls "$CACHE"/mmcv-"$MMCV_V"-*.whl >/dev/null 2>&1; then
       log "building mmcv==$MMCV_V with ops (about 10 minutes on 2 cores; cached in $CACHE)"
       # not through pip_: the runtime setuptools pin (>=77, torch's floor) is re-applied in step 3
+      log "(pip will warn that torch wants setuptools>=77: expected during the build, fixed in step 3)"
       "$PY" -m pip install --disable-pip-version-check -q "setuptools<70" wheel ninja
       mkdir -p "$CACHE.tmp"
-      MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip wheel --disable-pip-version-check -q \
+      # --no-cache-dir: never take a wheel pip cached from a build against another torch (C++ ABI)
+      MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip wheel --disable-pip-version-check -q --no-cache-dir \
         --no-build-isolation --no-deps --no-binary mmcv "mmcv==$MMCV_V" -w "$CACHE.tmp"
       rm -rf "$CACHE"; mv "$CACHE.tmp" "$CACHE"   # publish the cache only once the build succeeded
     fi
