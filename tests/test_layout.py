@@ -17,7 +17,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError('blocked for this test: ' + name)
 sys.meta_path.insert(0, Block())
 import efficienttrain, efficienttrain.fourier, efficienttrain.curriculum, efficienttrain.replay
-import efficienttrain.__main__, pretrain, finetune
+import efficienttrain.__main__, pretrain, finetune, engine.trainer, pretrain.main, pretrain.task, pretrain.checkpoints
 assert not any(m.split('.')[0] in ('mmcv', 'mmdet', 'mmengine') for m in sys.modules)
 print('ok')
 """

@@ -1,5 +1,4 @@
 """MAE model: official layout and numerics, grids at every curriculum size, pos-embed semantics, HOG."""
-import math
 
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ import torch.nn.functional as F
 from efficienttrain.curriculum import get_curriculum
 from pretrain.hog import HOGTarget
 from pretrain.models_mae import ARCHS, create_mae
-from pretrain.pos_embed import sincos_pos_embed
 
 TINY = dict(embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 

@@ -11,9 +11,7 @@ prints/saves ratios. Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from typing import Callable, Dict, List
@@ -21,6 +19,7 @@ from typing import Callable, Dict, List
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchlib import device_name, save_result  # noqa: E402
 from efficienttrain.fourier import downsample, low_frequency_crop  # noqa: E402
 
 
@@ -71,7 +70,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     x = torch.randn(args.batch, 3, args.input_size, args.input_size, device=device).to(dtype)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    dev_name = device_name(device)
 
     rows: List[Dict[str, float]] = []
     print(f"device: {dev_name}; batch {args.batch} x 3 x {args.input_size}^2 {args.dtype}; median of {args.iters}")
@@ -87,15 +86,9 @@ def main() -> int:
         print(f"{s:>5} {row['crop_ms']:>9.2f} {row['crop_us_per_image']:>8.1f} {row['naive_fft2_ms']:>9.2f} "
               f"{row['naive_over_crop']:>10.2f} {row['bicubic_ms']:>10.2f} {row['crop_over_bicubic']:>12.2f}")
 
-    result = {"benchmark": "low_frequency_crop", "device": dev_name, "torch": torch.__version__,
-              "batch": args.batch, "input_size": args.input_size, "dtype": args.dtype,
-              "iters": args.iters, "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"fourier_{device.type}_{args.dtype}_b{args.batch}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(f"saved {path}")
+    save_result({"benchmark": "low_frequency_crop", "device": dev_name, "batch": args.batch,
+                 "input_size": args.input_size, "dtype": args.dtype, "iters": args.iters, "rows": rows},
+                args.out, f"fourier_{device.type}_{args.dtype}_b{args.batch}.json")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Shared training core: config, distributed set-up, the curriculum-driven loop, checkpoints."""

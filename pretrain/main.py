@@ -1,0 +1,117 @@
+"""``python -m pretrain --config CONFIG [key=value ...]``: MAE pretraining with a curriculum, in
+one process (or one torchrun job) from the first stage to the last."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from typing import Dict, List, Optional
+
+import torch
+
+from efficienttrain.curriculum import CurriculumError, Plan, get_curriculum
+from efficienttrain.plot import plot_curriculum
+from engine.checkpoint import atomic_save
+from engine.config import ConfigError, load_config, save_config, to_dict
+from engine.distributed import barrier, cleanup, init_distributed
+from engine.trainer import CurriculumTrainer, NonFiniteLossError
+
+from .config import PretrainConfig
+from .data import list_images
+from .demo_data import generate_demo_dataset
+from .models_mae import create_mae
+
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+
+
+def encoder_state_dict(model_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The encoder part of an MAE state dict, in the official layout (what MAE's released
+    pretrained files hold): no decoder, no mask token."""
+    return {k: v for k, v in model_state.items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def export_encoder(checkpoint: Dict, path: str) -> str:
+    """Write ``{"model": encoder state dict, "meta": ...}`` for fine-tuning and detection."""
+    atomic_save({"model": encoder_state_dict(checkpoint["model"]), "meta": checkpoint.get("meta", {})}, path)
+    return path
+
+
+def curriculum_table(plan: Plan, patch: int, base_lr: float, warmup_epochs: float, min_lr: float) -> str:
+    lines = [f"{'stage':>5} {'size':>5} {'grid':>6} {'batch x acc':>12} {'replay':>6} {'data ep':>8} "
+             f"{'steps':>7} {'lr range':>21}"]
+    for ps in plan.stages:
+        lr0 = plan.lr(ps.start_step, base_lr, warmup_epochs, min_lr)
+        lr1 = plan.lr(ps.end_step - 1, base_lr, warmup_epochs, min_lr)
+        g = ps.stage.size // patch
+        lines.append(f"{ps.index:>5} {ps.stage.size:>5} {f'{g}x{g}':>6} {f'{ps.batch_size} x {ps.accum_steps}':>12} "
+                     f"{ps.stage.replay_times:>6} {ps.data_epochs:>8.2f} {ps.steps:>7} {f'{lr0:.2e}->{lr1:.2e}':>21}")
+    lines.append(f"total: {plan.total_steps} optimizer steps, "
+                 f"{sum(p.data_epochs for p in plan.stages):.2f} data epochs over {plan.dataset_size} images")
+    return "\n".join(lines)
+
+
+def run(cfg: PretrainConfig, run_name: str = "pretrain") -> Dict:
+    dist = init_distributed(cfg.train.device)
+    log = print if dist.is_main else (lambda *a, **k: None)
+    torch.manual_seed(cfg.train.seed + dist.rank)
+    random.seed(cfg.train.seed + dist.rank)
+    run_dir = os.path.abspath(cfg.train.output_dir or os.path.join("runs", run_name))
+    try:
+        if cfg.data.demo and dist.is_main and not os.path.exists(cfg.data.path):
+            log(f"generating the demo image set in {cfg.data.path} ...")
+            generate_demo_dataset(cfg.data.path, cfg.data.demo_images)
+        barrier(dist)
+        data_path = os.path.join(cfg.data.path, "train") if cfg.data.demo else cfg.data.path
+        files = list_images(data_path)
+        model = create_mae(cfg.model.arch, **cfg.model.overrides())
+        cur = get_curriculum(cfg.curriculum.name, cfg.model.img_size, cfg.curriculum.multiple_of or cfg.model.patch)
+        plan = cur.plan(cfg.curriculum.epochs, len(files), cfg.train.batch_size, cfg.train.accum_steps)
+        t = cfg.train
+        if dist.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(run_dir, "config.yaml"))
+            baseline = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs
+            plot_curriculum(cur, os.path.join(run_dir, "curriculum.png"), cfg.curriculum.epochs, baseline)
+            with open(os.path.join(run_dir, "plan.json"), "w") as f:
+                json.dump({"curriculum": cur.to_dict(), "budget_epochs": plan.epochs, "rows": plan.rows()}, f, indent=2)
+            n_params = sum(p.numel() for p in model.parameters()) / 1e6
+            log(f"MAE {cfg.model.arch} ({n_params:.1f}M params, target {cfg.model.target}), {len(files)} images, "
+                f"curriculum {cur.name} ({cur.budget} budget {cfg.curriculum.epochs:g}, "
+                f"{cur.speedup(cfg.curriculum.epochs, baseline):.2f}x less compute than {baseline:g} epochs at "
+                f"{cur.final_size}), "
+                f"{dist.world_size} process(es) on {dist.device}")
+            log(curriculum_table(plan, cfg.model.patch, t.base_lr(), t.warmup_epochs, t.min_lr))
+        from .task import MAETask
+
+        trainer = CurriculumTrainer(t, model, MAETask(cfg, files, dist), plan, dist, run_dir, to_dict(cfg), len(files))
+        result = trainer.fit()
+        if dist.is_main and result["step"] == plan.total_steps:
+            path = export_encoder(trainer.state_dict(), os.path.join(run_dir, "encoder.pth"))
+            log(f"encoder exported to {path}")
+        if dist.is_main:
+            log(f"done: step {result['step']}/{plan.total_steps}, last loss {result['loss']:.4f}, "
+                f"{result['bad_samples']} unreadable image(s) skipped")
+            log(f"run directory: {run_dir}")
+        return {**result, "run_dir": run_dir}
+    finally:
+        cleanup(dist)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="YAML config (see configs/pretrain/)")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.batch_size=256")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "pretrain"
+        run(cfg, name)
+    except (ConfigError, CurriculumError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

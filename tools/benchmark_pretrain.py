@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""MAE pretraining throughput per curriculum stage, measured in one run on one device.
+
+For every distinct input size of the curriculum: training images/s on synthetic uint8 batches
+already on the device (normalise + low-frequency crop + forward/backward/AdamW step), the crop's
+share of the step time, peak memory, and, with ``--data``, the images/s the real CPU data pipeline
+delivers. Prints a table and saves JSON (with the device name) under benchmarks/results/.
+
+    python tools/benchmark_pretrain.py --arch mae_vit_base_patch16 --batch 256 --device cuda
+    python tools/benchmark_pretrain.py --arch mae_vit_tiny_patch16 --batch 32 --device cpu --steps 3 \
+        --data ../shared/datasets/imagenette-112/train --img-size 112 --patch-size 8
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchlib import device_name, save_result  # noqa: E402
+from efficienttrain.curriculum import get_curriculum  # noqa: E402
+from efficienttrain.fourier import low_frequency_crop  # noqa: E402
+from engine.trainer import param_groups  # noqa: E402
+from pretrain.data import MAEPretrainDataset, collate, list_images, normalize  # noqa: E402
+from pretrain.models_mae import ARCHS, create_mae  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="mae_vit_base_patch16", choices=list(ARCHS))
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--patch-size", type=int, default=None)
+    ap.add_argument("--target", default="norm_pixel")
+    ap.add_argument("--curriculum", default="etpp")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    ap.add_argument("--data", default=None, help="image folder: also measure the real data pipeline")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    kw = {"img_size": args.img_size, "target": args.target}
+    if args.patch_size:
+        kw["patch_size"] = args.patch_size
+    model = create_mae(args.arch, **kw).to(device)
+    patch = model.patch_size
+    cur = get_curriculum(args.curriculum, args.img_size, patch)
+    sizes = sorted({s.size for s in cur.stages})
+    amp = None if args.amp == "off" or (args.amp == "auto" and device.type != "cuda") else (
+        torch.bfloat16 if args.amp in ("auto", "bf16") else torch.float16)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95),
+                            **({"fused": True} if device.type == "cuda" else {}))
+    dev_name = device_name(device)
+    batch = torch.randint(0, 256, (args.batch, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
+
+    rows: List[Dict[str, float]] = []
+    for size in sizes:
+        def crop_only():
+            return low_frequency_crop(normalize(batch), size)
+
+        def train_step():
+            x = low_frequency_crop(normalize(batch), size)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, _, _ = model(x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t_step = timed(train_step, device, args.steps, args.warmup)
+        t_crop = timed(crop_only, device, args.steps, args.warmup)
+        mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+        rows.append({"size": size, "grid": size // patch, "train_images_per_s": args.batch / t_step,
+                     "step_ms": t_step * 1e3, "crop_ms": t_crop * 1e3, "crop_share": t_crop / t_step,
+                     "peak_mem_gb": mem})
+    base = next(r for r in rows if r["size"] == args.img_size)["train_images_per_s"]
+    for r in rows:
+        r["speed_vs_final"] = r["train_images_per_s"] / base
+
+    loader_ips = None
+    if args.data:
+        files = list_images(args.data)
+        ds = MAEPretrainDataset(files, args.img_size)
+        n = min(len(files), args.batch * (args.steps + args.warmup))
+        idx = [(i % len(files), i) for i in range(n)]
+        batches = [idx[i:i + args.batch] for i in range(0, n - args.batch + 1, args.batch)]
+        dl = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers, collate_fn=collate)
+        it = iter(dl)
+        next(it)
+        t0, got = time.perf_counter(), 0
+        for imgs, _ in it:
+            got += imgs.shape[0]
+        loader_ips = got / (time.perf_counter() - t0)
+
+    mem_label = "peak GPU GB" if device.type == "cuda" else "peak RSS GB"
+    print(f"{args.arch} (patch {patch}, final {args.img_size}, target {args.target}) on {dev_name}, "
+          f"batch {args.batch}, amp {amp}, {args.steps} timed steps")
+    print(f"{'size':>5} {'grid':>5} {'img/s':>9} {'x final':>8} {'step ms':>9} {'crop ms':>8} {'crop %':>7} {mem_label:>12}")
+    for r in rows:
+        print(f"{r['size']:>5} {r['grid']:>5} {r['train_images_per_s']:>9.1f} {r['speed_vs_final']:>8.2f} "
+              f"{r['step_ms']:>9.1f} {r['crop_ms']:>8.2f} {100 * r['crop_share']:>6.1f}% {r['peak_mem_gb']:>12.2f}")
+    if loader_ips is not None:
+        print(f"real data pipeline ({args.workers} workers, {args.data}): {loader_ips:.1f} images/s")
+
+    save_result({"benchmark": "pretrain", "device": dev_name, "arch": args.arch, "patch_size": patch,
+                 "img_size": args.img_size, "target": args.target, "batch": args.batch, "amp": str(amp),
+                 "curriculum": args.curriculum, "rows": rows, "loader_images_per_s": loader_ips},
+                args.out, f"pretrain_{args.arch}_{device.type}_b{args.batch}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
