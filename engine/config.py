@@ -63,6 +63,11 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):   # YAML 1.1 reads "4e-3" as a string; a user means the number
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                pass
         parts = key.strip().split(".")
         node = out
         for p in parts[:-1]:
@@ -139,6 +144,12 @@ def from_dict(cls: Type[T], data: Any, where: str = "config") -> T:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {names}")
+    data = dict(data)
+    for f in dataclasses.fields(cls):
+        # a nested section keeps the parent's defaults for it (e.g. a job's own TrainConfig values)
+        if f.name in data and dataclasses.is_dataclass(hints[f.name]) and f.default_factory is not dataclasses.MISSING \
+                and isinstance(data[f.name], Mapping):
+            data[f.name] = deep_merge(dataclasses.asdict(f.default_factory()), data[f.name])
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         obj = cls(**kwargs)

@@ -23,15 +23,17 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from efficienttrain.curriculum import Plan, PlannedStage, StepInfo
 from efficienttrain.replay import ReplayBuffer
 
-from .checkpoint import find_latest, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_save, find_latest, load_checkpoint, save_checkpoint
 from .config import ConfigError
 from .distributed import DistInfo, all_reduce_mean
+from .optim import no_weight_decay
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TrainConfig:
     output_dir: str = ""                   # run directory (default: runs/<config name>)
     resume: str = "auto"                   # auto (continue from output_dir if possible) | never | path to a checkpoint
     save_every_steps: int = 0              # 0: only at stage ends and the end
+    eval_every_steps: int = 0              # tasks that evaluate: also every N steps (always at stage ends and the end)
     keep_last: int = 3
     log_every: int = 10
     max_steps: Optional[int] = None        # stop early after this many optimizer steps (debugging, tests)
@@ -75,8 +78,8 @@ class Task(Protocol):
     """What a job plugs into the loop."""
 
     def make_loader(self, stage: PlannedStage, batches: "StageBatches") -> Iterator[Tuple[torch.Tensor, ...]]:
-        """Yield one batch per list of (dataset index, stream position): a tuple of CPU tensors whose
-        last entry counts, per sample, the unreadable files that were skipped to produce it."""
+        """Yield one batch per list of (dataset index, stream position, magnitude): a tuple of CPU
+        tensors whose last entry counts, per sample, the unreadable files skipped to produce it."""
 
     def loss(self, model: nn.Module, batch: Tuple[torch.Tensor, ...], info: StepInfo) -> torch.Tensor:
         """Move the batch to the device, apply the stage transform (e.g. low-frequency crop), return the loss."""
@@ -86,6 +89,11 @@ class Task(Protocol):
 
     def checkpoint_meta(self) -> Dict[str, Any]:
         """Metadata saved in every checkpoint (architecture, sizes, target, ...)."""
+
+    # Optional: ``on_stage_start(model, stage)`` (per-size model preparation), and
+    # ``evaluate(model) -> dict`` with ``best_metric`` (a key of that dict, higher is better):
+    # then evaluation runs at stage ends (and every ``eval_every_steps``) and the best checkpoint
+    # is kept as ``checkpoint-best.pth``.
 
 
 def sample_index(position: int, n: int, seed: int, _cache: Dict = {}) -> int:
@@ -101,9 +109,10 @@ def sample_index(position: int, n: int, seed: int, _cache: Dict = {}) -> int:
 
 
 class StageBatches:
-    """This rank's micro-batches of (dataset index, stream position), from ``first_step`` to the
-    end of a stage; lazy (a stage can span hundreds of millions of samples). Used as a
-    DataLoader ``batch_sampler``."""
+    """This rank's micro-batches of (dataset index, stream position, augmentation magnitude), from
+    ``first_step`` to the end of a stage; lazy (a stage can span hundreds of millions of samples).
+    Used as a DataLoader ``batch_sampler``: the magnitude travels with every sample, so the
+    curriculum's per-step augmentation strength reaches transforms running in worker processes."""
 
     def __init__(self, ps: PlannedStage, first_step: int, stage_position: int, n: int, seed: int,
                  dist: DistInfo) -> None:
@@ -115,12 +124,13 @@ class StageBatches:
     def __len__(self) -> int:
         return (self.ps.steps - self.first_step) * self.ps.accum_steps
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+    def __iter__(self) -> Iterator[List[Tuple[int, int, float]]]:
         for t in range(self.first_step, self.ps.steps):
             base = self.stage_position + t * self.ps.loader_batch_size + self.rank * self.per_rank
+            magnitude = self.ps.stage.magnitude_at(t / self.ps.steps)   # the step's augmentation strength
             for a in range(self.ps.accum_steps):
                 start = base + a * self.micro
-                yield [(sample_index(p, self.n, self.seed), p) for p in range(start, start + self.micro)]
+                yield [(sample_index(p, self.n, self.seed), p, magnitude) for p in range(start, start + self.micro)]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -129,9 +139,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p, skip) else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
@@ -150,7 +159,8 @@ class NonFiniteLossError(FloatingPointError):
 class CurriculumTrainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, task: Task, plan: Plan, dist: DistInfo,
                  run_dir: str, config_dict: Dict[str, Any], dataset_size: int,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print,
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         self.cfg, self.task, self.plan, self.dist = cfg, task, plan, dist
         self.run_dir, self.config_dict, self.n = run_dir, config_dict, dataset_size
         self.log = log if dist.is_main else (lambda msg: None)
@@ -165,12 +175,14 @@ class CurriculumTrainer:
                     if dist.enabled else self.model)
         self.forward_model = torch.compile(self.ddp) if cfg.compile else self.ddp
         fused = dist.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.base_lr(),
-                                           betas=tuple(cfg.betas), **({"fused": True} if fused else {}))
+        self.optimizer = optimizer or torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.base_lr(),
+                                                        betas=tuple(cfg.betas), **({"fused": True} if fused else {}))
         self.dtype = amp_dtype(cfg, dist.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.step = 0
         self.bad_samples = 0
+        self.best: Optional[float] = None
+        self.last_eval: Dict[str, float] = {}
         self.replay: Optional[ReplayBuffer] = None
         self.ckpt_dir = os.path.join(run_dir, "checkpoints")
         self._metrics_file = None
@@ -185,6 +197,7 @@ class CurriculumTrainer:
             "step": self.step,
             "samples_seen": self.position_at(self.step),
             "bad_samples": self.bad_samples,
+            "best": self.best,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "replay": self.replay.state_dict() if self.replay is not None else None,
@@ -202,6 +215,7 @@ class CurriculumTrainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.bad_samples = int(state.get("bad_samples", 0))
+        self.best = state.get("best")
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(_to_tuple(rng["python"]))
@@ -303,6 +317,8 @@ class CurriculumTrainer:
                 ps = plan.stages[info.stage_index]
                 if info.stage_index != stage_idx:
                     stage_idx = info.stage_index
+                    if hasattr(self.task, "on_stage_start"):
+                        self.task.on_stage_start(self.model, ps)
                     it = self._micro_batches(ps, info.stage_step)
                     self.replay = None
                     if info.replay_times > 1:
@@ -325,6 +341,7 @@ class CurriculumTrainer:
                     imgs_since += batch[0].shape[0] * self.dist.world_size
                     sync = a == info.accum_steps - 1 or not self.dist.enabled
                     ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+                    np.random.seed((cfg.seed * 1_000_003 + self.step * 101 + a * 7 + self.dist.rank) % 2 ** 32)
                     with ctx:
                         with torch.autocast(self.dist.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                             loss = self.task.loss(self.forward_model, batch, info)
@@ -364,13 +381,34 @@ class CurriculumTrainer:
                 stage_end = self.step == ps.end_step
                 if stage_end and self.dist.is_main:
                     self.task.on_stage_end(self.model, ps, self.run_dir)
+                improved = False
+                if hasattr(self.task, "evaluate") and (
+                        stage_end or self.step == stop or (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0)):
+                    improved = self._evaluate()
                 if stage_end or (cfg.save_every_steps and self.step % cfg.save_every_steps == 0) or self.step == stop:
                     self.save()
+                if improved and self.dist.is_main:
+                    atomic_save(self.state_dict(), os.path.join(self.ckpt_dir, "checkpoint-best.pth"))
         finally:
             if progress is not None:
                 progress.close()
             self._close_logs()
-        return {"step": self.step, "total_steps": total, "loss": last_loss, "bad_samples": self.bad_samples}
+        return {"step": self.step, "total_steps": total, "loss": last_loss, "bad_samples": self.bad_samples,
+                "best": self.best, "eval": self.last_eval}
+
+    def _evaluate(self) -> bool:
+        """Run the task's evaluation (every rank), log it, and say whether it is the best so far."""
+        metrics = self.task.evaluate(self.model)
+        self.last_eval = metrics
+        key = getattr(self.task, "best_metric", None)
+        improved = key is not None and (self.best is None or metrics[key] > self.best)
+        if improved:
+            self.best = metrics[key]
+        if self.dist.is_main:
+            self._write_metrics({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            self.log(f"eval at step {self.step}: {shown}" + (" (best)" if improved else ""))
+        return improved
 
     def _eta(self, now: float) -> str:
         """Remaining time from the budget consumed per second (steps at small sizes are cheap, so

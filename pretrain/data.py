@@ -9,38 +9,17 @@ workers also Lanczos-resize to the stage size.
 from __future__ import annotations
 
 import math
-import os
 import random
-import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from engine.data import SkippingImageDataset
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def list_images(path: str) -> List[str]:
-    """All images under a folder (ImageFolder layout or any tree; sorted), or the paths listed in
-    a ``.txt`` file (one per line; relative paths are relative to the file's folder)."""
-    if os.path.isfile(path) and path.endswith(".txt"):
-        root = os.path.dirname(os.path.abspath(path))
-        with open(path, "r", encoding="utf-8") as f:
-            files = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-        files = [p if os.path.isabs(p) else os.path.join(root, p) for p in files]
-    elif os.path.isdir(path):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-            dirnames.sort()
-            files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    else:
-        raise FileNotFoundError(f"data path {path!r} is neither a folder nor a .txt file listing images")
-    if not files:
-        raise FileNotFoundError(f"no images found in {path!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return files
 
 
 def rrc_params(rng: random.Random, width: int, height: int, scale: Sequence[float],
@@ -69,36 +48,17 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-class MAEPretrainDataset(torch.utils.data.Dataset):
-    """Indexed by (dataset index, stream position); returns (uint8 image, number of bad files skipped)."""
+class MAEPretrainDataset(SkippingImageDataset):
+    """Indexed by (dataset index, stream position, magnitude); returns (uint8 image, bad files skipped)."""
 
     def __init__(self, files: Sequence[str], size: int, scale: Sequence[float] = (0.2, 1.0), seed: int = 0,
-                 stage_size: Optional[int] = None, max_skips: int = 50) -> None:
-        self.files, self.size, self.scale, self.seed = list(files), size, tuple(scale), seed
-        self.stage_size, self.max_skips = stage_size, max_skips
-        self._warned = set()
+                 stage_size: Optional[int] = None) -> None:
+        super().__init__(files)
+        self.size, self.scale, self.seed, self.stage_size = size, tuple(scale), seed, stage_size
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load(self, i: int) -> Image.Image:
-        with Image.open(self.files[i]) as im:
-            return im.convert("RGB")
-
-    def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
-        idx, pos = key
-        for skipped in range(self.max_skips + 1):
-            i = (idx + skipped) % len(self.files)
-            try:
-                img = self.load(i)
-                break
-            except Exception as e:  # unreadable/corrupt file: skip it, count it, warn once
-                if i not in self._warned:
-                    self._warned.add(i)
-                    warnings.warn(f"skipping unreadable image {self.files[i]}: {type(e).__name__}: {e}")
-        else:
-            raise RuntimeError(f"{self.max_skips + 1} consecutive unreadable images from {self.files[idx]}; "
-                               "check the dataset")
+    def __getitem__(self, key: Tuple[int, int, float]) -> Tuple[torch.Tensor, int]:
+        idx, pos = key[0], key[1]   # MAE augmentation has no magnitude (key[2])
+        img, _, skipped = self.load(idx)
         rng = random.Random(self.seed * 1_000_003 + pos)
         top, left, h, w = rrc_params(rng, img.width, img.height, self.scale)
         img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))

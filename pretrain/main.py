@@ -15,11 +15,11 @@ from efficienttrain.curriculum import CurriculumError, Plan, get_curriculum
 from efficienttrain.plot import plot_curriculum
 from engine.checkpoint import atomic_save
 from engine.config import ConfigError, load_config, save_config, to_dict
+from engine.data import list_images
 from engine.distributed import barrier, cleanup, init_distributed
 from engine.trainer import CurriculumTrainer, NonFiniteLossError
 
 from .config import PretrainConfig
-from .data import list_images
 from .demo_data import generate_demo_dataset
 from .models_mae import create_mae
 

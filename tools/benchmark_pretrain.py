@@ -26,7 +26,8 @@ from benchlib import device_name, save_result  # noqa: E402
 from efficienttrain.curriculum import get_curriculum  # noqa: E402
 from efficienttrain.fourier import low_frequency_crop  # noqa: E402
 from engine.trainer import param_groups  # noqa: E402
-from pretrain.data import MAEPretrainDataset, collate, list_images, normalize  # noqa: E402
+from engine.data import list_images  # noqa: E402
+from pretrain.data import MAEPretrainDataset, collate, normalize  # noqa: E402
 from pretrain.models_mae import ARCHS, create_mae  # noqa: E402
 
 

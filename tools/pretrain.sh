@@ -25,6 +25,6 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 if [[ $NPROC -gt 1 ]]; then
-  exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" -m pretrain --config "$CONFIG" "${ARGS[@]}"
+  exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" -m pretrain --config "$CONFIG" "${ARGS[@]+"${ARGS[@]}"}"
 fi
-exec .venv/bin/python -m pretrain --config "$CONFIG" "${ARGS[@]}"
+exec .venv/bin/python -m pretrain --config "$CONFIG" "${ARGS[@]+"${ARGS[@]}"}"

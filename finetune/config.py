@@ -1,0 +1,80 @@
+"""The fine-tuning / linear-probing / supervised-training config schema."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Optional
+
+from engine.config import ConfigError
+from engine.trainer import TrainConfig
+
+MODES = ("finetune", "linprobe", "train", "eval")
+
+
+@dataclass
+class ClassifierConfig:
+    name: str = "vit_base_patch16_224"    # any timm classification model
+    num_classes: int = 1000
+    img_size: int = 224                   # final (and evaluation) input size
+    drop_path: float = 0.1
+    global_pool: str = "avg"              # ViTs: avg + fc_norm (MAE fine-tuning) or token (linear probing)
+    checkpoint: str = ""                  # pretrained weights: our MAE / fine-tuned checkpoints or official MAE files
+    layer_decay: float = 0.75             # layer-wise lr decay for ViTs (1.0 = off)
+    kwargs: Dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"{where}.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.num_classes < 1:
+            raise ConfigError(f"{where}.num_classes must be >= 1, got {self.num_classes}")
+
+
+@dataclass
+class ClassifierDataConfig:
+    path: str = ""                        # root holding train/ and val/ in ImageFolder layout
+    train_dir: str = "train"
+    val_dir: str = "val"
+    num_workers: int = 8
+    randaug: str = "rand-m9-mstd0.5-inc1" # timm RandAugment spec; its m is replaced by the curriculum's per step
+    scale: Any = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop scale
+    hflip: float = 0.5
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    reprob: float = 0.25                  # random erasing probability (applied on the device)
+    crop_pct: float = 0.875               # evaluation: resize to size / crop_pct, centre crop
+    lowfreq: Literal["fft", "downsample"] = "fft"
+    demo: bool = False                    # generate the bundled demo set at `path` if missing
+
+    def validate(self, where: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{where}.path is required: a folder with {self.train_dir}/ and {self.val_dir}/ (ImageFolder layout)")
+        if not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"{where}.crop_pct must be in (0, 1], got {self.crop_pct}")
+
+
+@dataclass
+class FTCurriculumConfig:
+    name: str = "baseline"                # baseline for MAE fine-tuning; et / etpp / a YAML file for supervised training
+    epochs: float = 100.0
+    multiple_of: Optional[int] = None     # default: 16 for patch models, 32 otherwise
+    baseline_epochs: Optional[float] = None
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = "finetune"                # finetune | linprobe | train | eval
+    optimizer: str = "adamw"              # adamw | lars (linear probing, as MAE)
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
+    curriculum: FTCurriculumConfig = field(default_factory=FTCurriculumConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        batch_size=1024, blr=5e-4, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05, betas=[0.9, 0.999]))
+
+    def validate(self, where: str) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"{where}.mode: {self.mode!r} is not allowed; allowed: {', '.join(MODES)}")
+        if self.optimizer not in ("adamw", "lars"):
+            raise ConfigError(f"{where}.optimizer: {self.optimizer!r} is not allowed; allowed: adamw, lars")
+        if self.mode in ("finetune", "linprobe", "eval") and not self.model.checkpoint:
+            raise ConfigError(f"{where}.model.checkpoint is required for mode {self.mode!r} "
+                              "(a pretraining/encoder checkpoint, or a fine-tuned one for eval)")

@@ -1,0 +1,97 @@
+"""Classification data: ImageFolder datasets, position-seeded training augmentation whose RandAug
+magnitude comes from the curriculum with every sample, and the standard evaluation transform."""
+from __future__ import annotations
+
+import os
+import random
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
+
+from engine.data import IMAGE_EXTENSIONS, SkippingImageDataset
+from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
+
+
+def image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
+    """(files, labels, class names) of an ImageFolder tree ``root/<class>/<images>``."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root!r} is not a folder (expected ImageFolder layout: {root}/<class>/<images>)")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        for dirpath, dirnames, names in os.walk(os.path.join(root, c), followlinks=True):
+            dirnames.sort()
+            for n in sorted(names):
+                if n.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.join(dirpath, n))
+                    labels.append(label)
+    if not files:
+        raise FileNotFoundError(f"no images found under {root!r} (expected {root}/<class>/<images>)")
+    return files, labels, classes
+
+
+class CurriculumTrainDataset(SkippingImageDataset):
+    """Indexed by (index, stream position, magnitude): RandomResizedCrop (bicubic) to the final
+    size, flip, RandAugment at the given magnitude; returns (uint8 image, label, bad files skipped).
+    All randomness is seeded by the stream position (exact resume, any worker count)."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], size: int, randaug: str,
+                 scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5, seed: int = 0) -> None:
+        super().__init__(files)
+        self.labels, self.seed = list(labels), seed
+        self.crop = RandomResizedCropAndInterpolation(size, scale=tuple(scale), interpolation="bicubic")
+        self.flip = transforms.RandomHorizontalFlip(hflip)
+        hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN)}
+        self.randaug = rand_augment_transform(randaug, hparams) if randaug else None
+        if self.randaug is not None:
+            for op in self.randaug.ops:
+                # Pillow >= 13 rejects posterize(bits=0), which timm's PosterizeIncreasing reaches at
+                # magnitude 10 (m=9 + noise): cap that op just below, keeping at least 1 bit
+                if op.name.startswith("Posterize"):
+                    op.magnitude_max = 9.99
+
+    def set_magnitude(self, m: float) -> None:
+        """The curriculum's RandAug magnitude for this sample (replaces the m of the spec)."""
+        if self.randaug is not None:
+            for op in self.randaug.ops:
+                op.magnitude = m
+
+    def __getitem__(self, key: Tuple[int, int, float]):
+        idx, pos, magnitude = key
+        img, used, skipped = self.load(idx)
+        s = self.seed * 1_000_003 + pos
+        random.seed(s)
+        np.random.seed(s % 2 ** 32)
+        torch.manual_seed(s)
+        img = self.flip(self.crop(img))
+        if self.randaug is not None:
+            self.set_magnitude(magnitude)
+            img = self.randaug(img)
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return arr, self.labels[used], skipped
+
+
+def collate_train(items) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.stack([i[0] for i in items]), torch.tensor([i[1] for i in items], dtype=torch.int64),
+            torch.tensor([i[2] for i in items], dtype=torch.int64))
+
+
+def eval_transform(size: int, crop_pct: float) -> transforms.Compose:
+    """Resize the short side to size / crop_pct (bicubic), centre crop ``size``, normalise."""
+    return transforms.Compose([
+        transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class EvalDataset(SkippingImageDataset):
+    def __init__(self, files: Sequence[str], labels: Sequence[int], transform) -> None:
+        super().__init__(files)
+        self.labels, self.transform = list(labels), transform
+
+    def __getitem__(self, idx: int):
+        img, used, _ = self.load(idx)
+        return self.transform(img), self.labels[used]

@@ -1,0 +1,150 @@
+"""Classifiers from timm, initialised from our or the official MAE checkpoints.
+
+Loading reports what it did: the keys it dropped on purpose (decoder, mask token, the encoder's
+final norm when the classifier pools with fc_norm, a head of another size), the keys the
+classifier initialises itself (head, fc_norm), and fails on anything else (a missing block, a
+shape that does not fit) instead of training a half-initialised model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+
+from engine.checkpoint import load_checkpoint
+
+from .config import ClassifierConfig
+
+_DROP_PREFIXES = ("decoder_", "decoder_blocks.", "mask_token")
+_VIT_MODULES = ("vision_transformer", "deit")   # timm modules building (subclasses of) VisionTransformer
+
+
+@dataclass
+class LoadReport:
+    loaded: List[str] = field(default_factory=list)
+    dropped: List[str] = field(default_factory=list)            # in the file, not used on purpose
+    initialised: List[str] = field(default_factory=list)        # in the model, not in the file, expected
+    resized: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        def short(keys: List[str]) -> str:
+            return ", ".join(keys[:6]) + (f", ... (+{len(keys) - 6})" if len(keys) > 6 else "") if keys else "-"
+        return (f"loaded {len(self.loaded)} tensors; resized: {short(self.resized)}; dropped from the file: "
+                f"{short(self.dropped)}; initialised here: {short(self.initialised)}")
+
+
+def create_classifier(cfg: ClassifierConfig, dynamic_size: bool = False) -> nn.Module:
+    """timm model ``cfg.name``; ViTs get ``global_pool`` and, for curriculum training,
+    ``dynamic_img_size`` (position embeddings stay at the final grid and are resampled in the
+    forward pass, so stage changes need no parameter or optimizer-state surgery)."""
+    kwargs = dict(cfg.kwargs)
+    kwargs.setdefault("drop_path_rate", cfg.drop_path)
+    if not timm.is_model(cfg.name):
+        raise ValueError(f"unknown timm model {cfg.name!r} (see timm.list_models())")
+    is_vit = timm.models.model_entrypoint(cfg.name).__module__.split(".")[-1] in _VIT_MODULES
+    if is_vit:
+        kwargs.setdefault("img_size", cfg.img_size)
+        kwargs.setdefault("global_pool", cfg.global_pool)
+        if dynamic_size:
+            kwargs.setdefault("dynamic_img_size", True)
+    return timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes, **kwargs)
+
+
+def _encoder_state(sd: Dict[str, torch.Tensor], model: nn.Module, report: LoadReport) -> Dict[str, torch.Tensor]:
+    own = model.state_dict()
+    uses_fc_norm = isinstance(getattr(model, "fc_norm", None), nn.LayerNorm)
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(_DROP_PREFIXES):
+            report.dropped.append(k)
+        elif uses_fc_norm and k.startswith("norm."):
+            report.dropped.append(k)           # MAE fine-tuning pools with a fresh fc_norm instead
+        elif k.startswith("head.") and (k not in own or own[k].shape != v.shape):
+            report.dropped.append(k)           # a head for another number of classes
+        else:
+            out[k] = v
+    return out
+
+
+def load_pretrained(model: nn.Module, path: str) -> LoadReport:
+    """Load an encoder (our MAE pretraining / encoder export / fine-tuned checkpoint, or an official
+    MAE file) into a timm ViT, interpolating position embeddings to the model's grid."""
+    ckpt = load_checkpoint(path)
+    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"{path}: no state dict found (expected {{'model': state_dict}} or a state dict)")
+    report = LoadReport()
+    sd = _encoder_state(sd, model, report)
+    own = model.state_dict()
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+        n_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        grid = model.patch_embed.grid_size
+        # bicubic without antialiasing, as the official MAE interpolate_pos_embed (torch's antialiased
+        # bicubic uses another kernel, a=-0.5, even when upsampling)
+        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(grid), num_prefix_tokens=n_prefix,
+                                                 antialias=False)
+        report.resized.append("pos_embed")
+    bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
+                  if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in sd if k not in own]
+    if bad_shapes or unexpected:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: shape mismatches {bad_shapes or '-'}; "
+                         f"unexpected keys {unexpected[:8] or '-'} (is it the right architecture / patch size?)")
+    missing = [k for k in own if k not in sd]
+    allowed_missing = [k for k in missing if k.startswith(("head.", "fc_norm."))]
+    real_missing = [k for k in missing if k not in allowed_missing]
+    if real_missing:
+        raise ValueError(f"{path} lacks weights the model needs: {real_missing[:8]}"
+                         f"{' ...' if len(real_missing) > 8 else ''} ({len(real_missing)} keys)")
+    model.load_state_dict(sd, strict=False)
+    report.loaded = sorted(sd)
+    report.initialised = allowed_missing
+    return report
+
+
+def init_head(model: nn.Module, std: float) -> None:
+    """Head as MAE initialises it: truncated normal (2e-5 fine-tuning, 0.01 linear probing), zero bias."""
+    head = model.get_classifier()
+    trunc_normal_(head.weight, std=std)
+    nn.init.zeros_(head.bias)
+
+
+def make_linear_probe(model: VisionTransformer) -> nn.Module:
+    """Freeze everything; the head becomes BatchNorm (no affine, eps 1e-6) + linear, as MAE's probe."""
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"linear probing is implemented for timm VisionTransformer models, got {type(model).__name__}")
+    init_head(model, std=0.01)
+    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("head.")
+    return model
+
+
+def classifier_depth(model: nn.Module) -> int:
+    """Number of transformer blocks (for layer decay); 0 for models without ``blocks``."""
+    blocks = getattr(model, "blocks", None)
+    return len(blocks) if blocks is not None else 0
+
+
+def check_resizable(model: nn.Module, size: int) -> Tuple[bool, str]:
+    """Can the model run at ``size`` without changing any parameter? (ConvNets and dynamic-size
+    ViTs can; models with fixed windows or relative-position tables may not.)"""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    set_size = getattr(model, "set_input_size", None)
+    if isinstance(model, VisionTransformer):
+        ok = getattr(model, "dynamic_img_size", False) or tuple(model.patch_embed.img_size) == (size, size)
+        return ok, "" if ok else "the ViT was built for one input size (without dynamic_img_size)"
+    if callable(set_size):
+        try:
+            set_size(img_size=(size, size))
+        except Exception as e:
+            return False, f"set_input_size({size}) failed: {e}"
+        changed = [k for k, v in model.state_dict().items() if k in shapes and v.shape != shapes[k]]
+        if changed:
+            return False, f"changing the input size re-shapes parameters {changed[:4]}"
+    return True, ""

@@ -1,0 +1,117 @@
+"""Image classification as a :class:`engine.trainer.Task` (MAE fine-tuning, linear probing and
+supervised curriculum training share it)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.distributed as tdist
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from efficienttrain.curriculum import PlannedStage, StepInfo
+from efficienttrain.fourier import downsample, low_frequency_crop
+from engine.distributed import DistInfo
+from pretrain.data import normalize
+
+from .config import FinetuneConfig
+from .data import CurriculumTrainDataset, EvalDataset, collate_train, eval_transform
+from .models import check_resizable
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, dist: Optional[DistInfo] = None,
+             transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean loss over ``loader`` (summed across ranks)."""
+    was_training = model.training
+    model.eval()
+    stats = torch.zeros(4, dtype=torch.float64, device=device)   # correct1, correct5, loss sum, count
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if transform is not None:
+                x = transform(x)
+            logits = model(x).float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            stats[0] += (top[:, 0] == y).sum()
+            stats[1] += (top == y[:, None]).any(dim=1).sum()
+            stats[2] += nn.functional.cross_entropy(logits, y, reduction="sum")
+            stats[3] += y.numel()
+    finally:
+        model.train(was_training)
+    if dist is not None and dist.enabled:
+        tdist.all_reduce(stats)
+    n = max(stats[3].item(), 1.0)
+    return {"top1": 100.0 * stats[0].item() / n, "top5": 100.0 * stats[1].item() / n, "loss": stats[2].item() / n}
+
+
+class ClassificationTask:
+    best_metric = "top1"
+
+    def __init__(self, cfg: FinetuneConfig, train_files: Sequence[str], train_labels: Sequence[int],
+                 val_files: Sequence[str], val_labels: Sequence[int], dist: DistInfo) -> None:
+        self.cfg, self.dist = cfg, dist
+        self.train_files, self.train_labels = list(train_files), list(train_labels)
+        d = cfg.data
+        self.replay_chunks = 1
+        self.mixup = (Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=d.smoothing,
+                            num_classes=cfg.model.num_classes) if (d.mixup > 0 or d.cutmix > 0) else None)
+        self.criterion = (SoftTargetCrossEntropy() if self.mixup is not None
+                          else LabelSmoothingCrossEntropy(d.smoothing) if d.smoothing > 0 else nn.CrossEntropyLoss())
+        self.erasing = (RandomErasing(d.reprob, mode="pixel", max_count=1, device=str(dist.device))
+                        if d.reprob > 0 else None)
+        val = EvalDataset(val_files, val_labels, eval_transform(cfg.model.img_size, d.crop_pct))
+        sampler = (torch.utils.data.distributed.DistributedSampler(val, shuffle=False)
+                   if dist.enabled else None)
+        self.val_loader = torch.utils.data.DataLoader(val, batch_size=max(1, min(256, cfg.train.batch_size)),
+                                                      sampler=sampler, num_workers=d.num_workers,
+                                                      pin_memory=dist.device.type == "cuda")
+
+    def make_loader(self, ps: PlannedStage, batches) -> torch.utils.data.DataLoader:
+        d = self.cfg.data
+        ds = CurriculumTrainDataset(self.train_files, self.train_labels, self.cfg.model.img_size, d.randaug,
+                                    d.scale, d.hflip, seed=self.cfg.train.seed)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + ps.index)
+        return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=d.num_workers,
+                                           collate_fn=collate_train, generator=gen,
+                                           pin_memory=self.dist.device.type == "cuda")
+
+    def on_stage_start(self, model: nn.Module, ps: PlannedStage) -> None:
+        ok, why = check_resizable(model, ps.stage.size)
+        if not ok:
+            raise ValueError(f"{self.cfg.model.name} cannot train at input size {ps.stage.size} in this run: {why}. "
+                             "Use a curriculum with sizes this model supports, or a ConvNet / ViT.")
+
+    def stage_transform(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        if x.shape[-1] == size:
+            return x
+        if self.cfg.data.lowfreq == "fft":
+            return low_frequency_crop(x, size)
+        return downsample(x, size, "bicubic")
+
+    def loss(self, model: nn.Module, batch, info: StepInfo) -> torch.Tensor:
+        imgs, labels = batch[0].to(self.dist.device, non_blocking=True), batch[1].to(self.dist.device, non_blocking=True)
+        x = normalize(imgs)
+        if self.erasing is not None:
+            x = self.erasing(x)
+        x = self.stage_transform(x, info.size)     # official ET order: crop normalised tensors, then mix
+        if self.mixup is not None:
+            if x.shape[0] % 2:
+                raise ValueError(f"mixup/cutmix need an even per-process batch, got {x.shape[0]}")
+            x, labels = self.mixup(x, labels)
+        return self.criterion(model(x), labels)
+
+    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+        return evaluate(model, self.val_loader, self.dist.device, self.dist)
+
+    def on_stage_end(self, model: nn.Module, ps: PlannedStage, run_dir: str) -> None:
+        pass
+
+    def checkpoint_meta(self) -> Dict[str, Any]:
+        m = self.cfg.model
+        return {"kind": f"classifier_{self.cfg.mode}", "model_name": m.name, "num_classes": m.num_classes,
+                "img_size": m.img_size, "global_pool": m.global_pool, "model_kwargs": dict(m.kwargs),
+                "linear_probe": self.cfg.mode == "linprobe"}
