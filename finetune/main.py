@@ -64,11 +64,10 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune") -> Dict:
     run_dir = os.path.abspath(cfg.train.output_dir or os.path.join("runs", run_name))
     try:
         d = cfg.data
-        if d.demo and dist.is_main and not os.path.exists(d.path):
+        if d.demo and dist.is_main:
             from pretrain.demo_data import generate_demo_dataset
 
-            log(f"generating the demo image set in {d.path} ...")
-            generate_demo_dataset(d.path)
+            generate_demo_dataset(d.path)   # no-op when it is already there
         barrier(dist)
         val_files, val_labels, classes = image_folder(os.path.join(d.path, d.val_dir))
         if len(classes) != cfg.model.num_classes:

@@ -7,6 +7,7 @@ shape that does not fit) instead of training a half-initialised model.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -132,19 +133,33 @@ def classifier_depth(model: nn.Module) -> int:
 
 
 def check_resizable(model: nn.Module, size: int) -> Tuple[bool, str]:
-    """Can the model run at ``size`` without changing any parameter? (ConvNets and dynamic-size
-    ViTs can; models with fixed windows or relative-position tables may not.)"""
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    set_size = getattr(model, "set_input_size", None)
+    """Prepare ``model`` for input ``size`` without changing any parameter, or say why not.
+
+    ConvNets need nothing; ViTs need ``dynamic_img_size`` (position embeddings resampled in the
+    forward pass); Swin-like models keep their window size and pad feature maps to whole windows
+    (``always_partition``), so relative-position tables keep their shape at every size.
+    """
     if isinstance(model, VisionTransformer):
         ok = getattr(model, "dynamic_img_size", False) or tuple(model.patch_embed.img_size) == (size, size)
         return ok, "" if ok else "the ViT was built for one input size (without dynamic_img_size)"
-    if callable(set_size):
-        try:
-            set_size(img_size=(size, size))
-        except Exception as e:
-            return False, f"set_input_size({size}) failed: {e}"
-        changed = [k for k, v in model.state_dict().items() if k in shapes and v.shape != shapes[k]]
-        if changed:
-            return False, f"changing the input size re-shapes parameters {changed[:4]}"
+    set_size = getattr(model, "set_input_size", None)
+    if not callable(set_size):
+        return True, ""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    kwargs = {"img_size": (size, size)}
+    params = inspect.signature(set_size).parameters
+    if "always_partition" in params and "window_size" in params:
+        window = getattr(model, "_et_window", None)
+        if window is None:
+            first = next((m for m in model.modules() if hasattr(m, "window_size") and m is not model), None)
+            window = tuple(first.window_size) if first is not None else None
+            model._et_window = window
+        kwargs.update(window_size=window, always_partition=True)
+    try:
+        set_size(**kwargs)
+    except Exception as e:
+        return False, f"set_input_size({size}) failed: {type(e).__name__}: {e}"
+    changed = [k for k, v in model.state_dict().items() if k in shapes and v.shape != shapes[k]]
+    if changed:
+        return False, f"changing the input size re-shapes parameters {changed[:4]}"
     return True, ""

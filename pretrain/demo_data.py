@@ -3,12 +3,14 @@
 Each image is a dead-leaves composition (occluding discs and rectangles of random colours with a
 power-law size distribution, the classic model of natural-image statistics) with one larger
 striped foreground object on top. The label is the object's shape (disc, square, triangle,
-cross); each class also has its own stripe direction (0, 45, 90, 135 degrees, jittered), a
-texture cue that a small model fine-tuned for a minute can pick up, so the demo learns something. Layout: ``root/{train,val}/<class>/*.png``.
+cross); each class also has its own stripe direction (0, 45, 90, 135 degrees, jittered) and
+stripe colour family (red, green, blue, yellow, jittered; the background uses every colour),
+cues that a small model fine-tuned for a minute or two picks up, so the demo learns something. Layout: ``root/{train,val}/<class>/*.png``.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Tuple
 
 import numpy as np
@@ -16,10 +18,20 @@ from PIL import Image, ImageDraw
 
 CLASSES = ("disc", "square", "triangle", "cross")
 _STAMP = ".complete"
+DEMO_VERSION = 2   # bump when the generator changes, so existing demo sets are regenerated
 
 
 def _colour(rng: np.random.Generator) -> Tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, size=3))
+
+
+_CLASS_HUES = ((230, 40, 40), (40, 200, 60), (50, 80, 230), (235, 210, 40))   # red, green, blue, yellow
+
+
+def _class_colour(rng: np.random.Generator, label: int, dark: bool = False) -> np.ndarray:
+    """A jittered colour of the class's hue family (a darker shade for the second stripe colour)."""
+    base = np.array(_CLASS_HUES[label], dtype=np.float64) * (0.45 if dark else 1.0)
+    return np.clip(base + rng.normal(0, 18, size=3), 0, 255)
 
 
 def _dead_leaves(rng: np.random.Generator, size: int) -> Image.Image:
@@ -54,15 +66,23 @@ def _foreground(rng: np.random.Generator, img: Image.Image, label: int) -> None:
     theta = label * np.pi / len(CLASSES) + rng.uniform(-0.15, 0.15)   # each class has its stripe direction
     period = rng.uniform(4, 9)
     stripes = (np.sin((xx * np.cos(theta) + yy * np.sin(theta)) * 2 * np.pi / period) > 0)[..., None]
-    tex = np.where(stripes, np.array(_colour(rng)), np.array(_colour(rng))).astype(np.uint8)
+    tex = np.where(stripes, _class_colour(rng, label), _class_colour(rng, label, dark=True)).astype(np.uint8)
     img.paste(Image.fromarray(tex), (0, 0), mask)
 
 
 def generate_demo_dataset(root: str, num_images: int = 1200, size: int = 96, val_fraction: float = 0.2,
                           seed: int = 0) -> str:
     """Write the demo set under ``root`` (idempotent: a finished set is left alone). Returns root."""
-    if os.path.isfile(os.path.join(root, _STAMP)):
-        return root
+    stamp = f"demo v{DEMO_VERSION}: {num_images} images, size {size}, seed {seed}\n"
+    stamp_path = os.path.join(root, _STAMP)
+    if os.path.isfile(stamp_path):
+        with open(stamp_path) as f:
+            if f.read() == stamp:
+                return root
+        shutil.rmtree(root)          # an older or different demo set: regenerate it
+    elif os.path.isdir(root) and os.listdir(root):
+        raise FileExistsError(f"{root} exists and is not a generated demo set; choose another data.path")
+    print(f"generating the demo image set in {root} ({num_images} images) ...", flush=True)
     rng = np.random.default_rng(seed)
     n_val = int(num_images * val_fraction)
     for k in range(num_images):
@@ -73,6 +93,6 @@ def generate_demo_dataset(root: str, num_images: int = 1200, size: int = 96, val
         folder = os.path.join(root, split, CLASSES[label])
         os.makedirs(folder, exist_ok=True)
         img.save(os.path.join(folder, f"{k:05d}.png"))
-    with open(os.path.join(root, _STAMP), "w") as f:
-        f.write(f"{num_images} images, size {size}, seed {seed}\n")
+    with open(stamp_path, "w") as f:
+        f.write(stamp)
     return root

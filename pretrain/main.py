@@ -59,9 +59,8 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain") -> Dict:
     random.seed(cfg.train.seed + dist.rank)
     run_dir = os.path.abspath(cfg.train.output_dir or os.path.join("runs", run_name))
     try:
-        if cfg.data.demo and dist.is_main and not os.path.exists(cfg.data.path):
-            log(f"generating the demo image set in {cfg.data.path} ...")
-            generate_demo_dataset(cfg.data.path, cfg.data.demo_images)
+        if cfg.data.demo and dist.is_main:
+            generate_demo_dataset(cfg.data.path, cfg.data.demo_images)   # no-op when it is already there
         barrier(dist)
         data_path = os.path.join(cfg.data.path, "train") if cfg.data.demo else cfg.data.path
         files = list_images(data_path)

@@ -2,6 +2,7 @@
 strict timm loading, per-step RandAug magnitude, DeiT at every curriculum size, the linear probe."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -166,6 +167,18 @@ def test_finetune_run_outputs_load_into_timm_strict(data, mae_ckpt, tmp_path):
     ev = run(load_config(FinetuneConfig, None, ft_overrides(data, tmp_path / "ev", "mode=eval",
                                                              f"model.checkpoint={out / 'checkpoints' / 'checkpoint-best.pth'}")))
     assert ev["eval"]["top1"] == pytest.approx(res["best"])
+    # frequency analysis: a low-pass radius beyond every frequency of a 32-px image is the identity
+    import subprocess
+    import sys
+
+    png = tmp_path / "freq.png"
+    r = subprocess.run([sys.executable, "tools/analyze_frequency.py", str(out / "checkpoints" / "checkpoint-best.pth"),
+                        os.path.join(data, "val"), "--radii", "4", "100", "--out", str(png)],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    freq = json.loads(png.with_suffix(".json").read_text())
+    assert freq["low_pass"]["100.0"] == pytest.approx(freq["original"]) == pytest.approx(res["best"])
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_linear_probe_trains_only_the_head(data, mae_ckpt, tmp_path):
@@ -209,3 +222,32 @@ def test_config_errors(data, mae_ckpt, tmp_path):
     with pytest.raises(Exception, match="trains at the final size"):
         run(load_config(FinetuneConfig, None, ft_overrides(data, tmp_path / "x", "model.checkpoint=" + mae_ckpt[0],
                                                            "curriculum.name=etpp")))
+
+
+def test_swin_keeps_its_parameters_at_every_etpp_size():
+    from finetune.models import check_resizable
+
+    model = create_classifier(ClassifierConfig(name="swin_tiny_patch4_window7_224", num_classes=3,
+                                               kwargs={"depths": (1, 1, 1, 1)}))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    ref = model.eval()(torch.zeros(1, 3, 224, 224).normal_(generator=torch.Generator().manual_seed(0)))
+    for size in (96, 160, 224):
+        ok, why = check_resizable(model, size)
+        assert ok, why
+        assert model(torch.randn(1, 3, size, size)).shape == (1, 3)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    # back at the final size it computes exactly what it did before any stage change
+    torch.testing.assert_close(model(torch.zeros(1, 3, 224, 224).normal_(generator=torch.Generator().manual_seed(0))), ref)
+
+
+def test_every_shipped_config_loads():
+    from pretrain.config import PretrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for f in sorted((root / "finetune").glob("[a-z]*.yaml")):
+        cfg = load_config(FinetuneConfig, str(f))
+        assert timm.is_model(cfg.model.name), f
+        get_curriculum(cfg.curriculum.name, cfg.model.img_size, cfg.curriculum.multiple_of or 16)
+    for f in sorted((root / "pretrain").glob("[a-z]*.yaml")):
+        cfg = load_config(PretrainConfig, str(f))
+        get_curriculum(cfg.curriculum.name, cfg.model.img_size, cfg.curriculum.multiple_of or cfg.model.patch)

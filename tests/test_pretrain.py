@@ -189,20 +189,6 @@ def test_two_process_gloo_run(images, tmp_path):
     assert ck["samples_seen"] == 8 * m[-1]["step"]
 
 
-def test_demo_command(tmp_path):
-    """The README's main-job command, as a user runs it (output redirected to a temp folder)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run(["bash", str(ROOT / "tools" / "pretrain.sh"), f"train.output_dir={tmp_path / 'demo'}",
-                        f"data.path={tmp_path / 'demo-data'}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"run directory: {tmp_path / 'demo'}" in r.stdout
-    m = read_metrics(tmp_path / "demo")
-    assert m[-1]["loss"] < 0.8 * m[0]["loss"]                          # it learned something
-    assert (tmp_path / "demo" / "encoder.pth").is_file()
-    assert len(os.listdir(tmp_path / "demo" / "reconstructions")) == 10
-
-
 def test_replay_stages_run_and_halve_loader_passes(images, tmp_path):
     cur = tmp_path / "replay.yaml"
     cur.write_text("name: replay\nbudget: compute\nstages:\n"
