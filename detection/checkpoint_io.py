@@ -24,9 +24,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
-
 from engine.checkpoint import load_checkpoint
+from pretrain.pos_embed import resample_pos_embed
 
 # (key prefix in the file, why the backbone does not use it)
 UNUSED_IN_FILE: Tuple[Tuple[str, str], ...] = (
@@ -120,8 +119,8 @@ def convert_pos_embed(pos: torch.Tensor, grid: Tuple[int, int]) -> Tuple[torch.T
     pos = pos[:, prefix:]
     note = f"pos_embed {n} tokens -> {'cls slot dropped, ' if prefix else ''}grid {side}x{side}"
     if (side, side) != tuple(grid):
-        pos = resample_abs_pos_embed(pos.float(), list(grid), [side, side], num_prefix_tokens=0)
-        note += f" resampled (bicubic) to {grid[0]}x{grid[1]}"
+        pos = resample_pos_embed(pos.float(), grid, (side, side))
+        note += f" resampled (bicubic, as MAE / ViTDet) to {grid[0]}x{grid[1]}"
     return pos, note
 
 

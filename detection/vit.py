@@ -17,10 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
-from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from mmdet.registry import MODELS
+
+from pretrain.pos_embed import resample_pos_embed
 
 from .checkpoint_io import load_backbone_checkpoint
 
@@ -211,7 +213,7 @@ class PlainViT(BaseModule):
         """Absolute position embeddings [1, gh, gw, D] for a ``grid`` patch map."""
         pos = self.pos_embed
         if tuple(grid) != self.pretrain_grid:
-            pos = resample_abs_pos_embed(pos, list(grid), list(self.pretrain_grid), num_prefix_tokens=0)
+            pos = resample_pos_embed(pos, grid, self.pretrain_grid)
         return pos.reshape(1, grid[0], grid[1], -1)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor]:

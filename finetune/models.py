@@ -14,10 +14,11 @@ from typing import Dict, List, Tuple
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from engine.checkpoint import load_checkpoint
+from pretrain.pos_embed import resample_pos_embed
 
 from .config import ClassifierConfig
 
@@ -85,10 +86,7 @@ def load_pretrained(model: nn.Module, path: str) -> LoadReport:
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         n_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
         grid = model.patch_embed.grid_size
-        # bicubic without antialiasing, as the official MAE interpolate_pos_embed (torch's antialiased
-        # bicubic uses another kernel, a=-0.5, even when upsampling)
-        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(grid), num_prefix_tokens=n_prefix,
-                                                 antialias=False)
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], grid, num_prefix_tokens=n_prefix)
         report.resized.append("pos_embed")
     bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
                   if k in own and own[k].shape != v.shape]

@@ -6,9 +6,10 @@ is ``[sin(pos * omega), cos(pos * omega)]`` with ``omega_k = 1 / 10000^(k / (D/4
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
+from timm.layers import resample_abs_pos_embed
 
 POS_EMBED_MODES = ("scaled", "regenerate", "interpolate")
 
@@ -55,3 +56,14 @@ def sincos_pos_embed(dim: int, grid: Tuple[int, int], final_grid: Tuple[int, int
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim), emb], dim=0)
     return emb.unsqueeze(0)
+
+
+def resample_pos_embed(pos: torch.Tensor, new_grid: Sequence[int], old_grid: Optional[Sequence[int]] = None,
+                       num_prefix_tokens: int = 0) -> torch.Tensor:
+    """[1, prefix + old_h*old_w, D] -> [1, prefix + new_h*new_w, D] as MAE's ``interpolate_pos_embed``
+    and ViTDet's ``get_abs_pos`` do when a pretrained table meets another grid: bicubic,
+    ``align_corners=False``, no antialiasing (torch's antialiased bicubic uses another kernel,
+    a=-0.5, even when upsampling). ``old_grid=None``: a square grid. Fine-tuning and detection
+    transfer both use it."""
+    return resample_abs_pos_embed(pos, list(new_grid), list(old_grid) if old_grid else None,
+                                  num_prefix_tokens=num_prefix_tokens, antialias=False)

@@ -196,17 +196,18 @@ def test_loads_every_checkpoint_format_with_key_report(ckpts, mae, fmt, unused):
 
 def test_pos_embed_is_resampled_to_the_backbone_grid(ckpts, mae):
     """A 64 px / patch-8 table (8x8 + cls) in a backbone pretrained-size 96 (12x12): the cls slot
-    is dropped and the grid resampled bicubically (reference: torch's interpolate on the 2-D grid)."""
+    is dropped and the grid resampled bicubically without antialiasing (reference: ViTDet's
+    get_abs_pos / MAE's interpolate_pos_embed, torch's interpolate on the 2-D grid)."""
     vit = PlainViT(**{**TINY, "img_size": 96})
     report = load_backbone_checkpoint(vit, ckpts["encoder"])
     assert any("cls slot dropped" in n and "12x12" in n for n in report.notes)
     grid = mae.state_dict()["pos_embed"][:, 1:].reshape(1, 8, 8, 192).permute(0, 3, 1, 2)
-    ref = F.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False, antialias=True)
+    ref = F.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False)
     torch.testing.assert_close(vit.pos_embed.detach(), ref.permute(0, 2, 3, 1).reshape(1, 144, 192))
     # at run time the table follows each input's grid the same way
     with torch.no_grad():
         pos = vit.pos_embed_for((6, 10))
-    ref2 = F.interpolate(ref, size=(6, 10), mode="bicubic", align_corners=False, antialias=True)
+    ref2 = F.interpolate(ref, size=(6, 10), mode="bicubic", align_corners=False)
     torch.testing.assert_close(pos, ref2.permute(0, 2, 3, 1))
 
 
