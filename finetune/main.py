@@ -2,23 +2,19 @@
 supervised training with a curriculum (mode=train) and evaluation, on the shared training core."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import random
-import sys
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from efficienttrain.curriculum import CurriculumError, get_curriculum
-from efficienttrain.plot import plot_curriculum
+from efficienttrain.curriculum import get_curriculum
 from engine.checkpoint import load_checkpoint
-from engine.config import ConfigError, load_config, save_config, to_dict
-from engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from engine.config import ConfigError, to_dict
+from engine.distributed import DistInfo, barrier, cleanup
 from engine.optim import describe_groups, param_groups_layer_decay
-from engine.trainer import CurriculumTrainer, NonFiniteLossError
+from engine.run import cli_main, start_run, write_run_files
+from engine.trainer import CurriculumTrainer
 
 from .config import FinetuneConfig
 from .data import EvalDataset, eval_transform, image_folder
@@ -57,11 +53,7 @@ def build_model(cfg: FinetuneConfig, log) -> nn.Module:
 
 
 def run(cfg: FinetuneConfig, run_name: str = "finetune") -> Dict:
-    dist = init_distributed(cfg.train.device)
-    log = print if dist.is_main else (lambda *a, **k: None)
-    torch.manual_seed(cfg.train.seed + dist.rank)
-    random.seed(cfg.train.seed + dist.rank)
-    run_dir = os.path.abspath(cfg.train.output_dir or os.path.join("runs", run_name))
+    dist, log, run_dir = start_run(cfg, run_name)
     try:
         d = cfg.data
         if d.demo and dist.is_main:
@@ -88,12 +80,7 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune") -> Dict:
         plan = cur.plan(cfg.curriculum.epochs, len(train_files), cfg.train.batch_size, cfg.train.accum_steps)
         optimizer = build_optimizer(cfg, model, dist)
         if dist.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(run_dir, "config.yaml"))
-            baseline = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs
-            plot_curriculum(cur, os.path.join(run_dir, "curriculum.png"), cfg.curriculum.epochs, baseline)
-            with open(os.path.join(run_dir, "plan.json"), "w") as f:
-                json.dump({"curriculum": cur.to_dict(), "budget_epochs": plan.epochs, "rows": plan.rows()}, f, indent=2)
+            write_run_files(cfg, cur, plan, run_dir)
             groups = describe_groups(optimizer.param_groups)
             with open(os.path.join(run_dir, "param_groups.txt"), "w") as f:
                 f.write(groups + "\n")
@@ -131,18 +118,6 @@ def run_eval(cfg: FinetuneConfig, dist: DistInfo, files: List[str], labels: List
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="YAML config (see configs/finetune/)")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. mode=eval model.checkpoint=...")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(FinetuneConfig, args.config, args.overrides)
-        name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "finetune"
-        run(cfg, name)
-    except (ConfigError, CurriculumError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli_main("python -m finetune", __doc__.splitlines()[0], FinetuneConfig, run, "finetune",
+                    "YAML config (see configs/finetune/)", "key.sub=value overrides, e.g. mode=eval model.checkpoint=...",
+                    argv, user_errors=(ValueError,))

@@ -2,22 +2,18 @@
 one process (or one torchrun job) from the first stage to the last."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import random
-import sys
 from typing import Dict, List, Optional
 
 import torch
 
-from efficienttrain.curriculum import CurriculumError, Plan, get_curriculum
-from efficienttrain.plot import plot_curriculum
+from efficienttrain.curriculum import Plan, get_curriculum
 from engine.checkpoint import atomic_save
-from engine.config import ConfigError, load_config, save_config, to_dict
+from engine.config import to_dict
 from engine.data import list_images
-from engine.distributed import barrier, cleanup, init_distributed
-from engine.trainer import CurriculumTrainer, NonFiniteLossError
+from engine.distributed import barrier, cleanup
+from engine.run import cli_main, start_run, write_run_files
+from engine.trainer import CurriculumTrainer
 
 from .config import PretrainConfig
 from .demo_data import generate_demo_dataset
@@ -53,11 +49,7 @@ def curriculum_table(plan: Plan, patch: int, base_lr: float, warmup_epochs: floa
 
 
 def run(cfg: PretrainConfig, run_name: str = "pretrain") -> Dict:
-    dist = init_distributed(cfg.train.device)
-    log = print if dist.is_main else (lambda *a, **k: None)
-    torch.manual_seed(cfg.train.seed + dist.rank)
-    random.seed(cfg.train.seed + dist.rank)
-    run_dir = os.path.abspath(cfg.train.output_dir or os.path.join("runs", run_name))
+    dist, log, run_dir = start_run(cfg, run_name)
     try:
         if cfg.data.demo and dist.is_main:
             generate_demo_dataset(cfg.data.path, cfg.data.demo_images)   # no-op when it is already there
@@ -69,12 +61,7 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain") -> Dict:
         plan = cur.plan(cfg.curriculum.epochs, len(files), cfg.train.batch_size, cfg.train.accum_steps)
         t = cfg.train
         if dist.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(run_dir, "config.yaml"))
-            baseline = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs
-            plot_curriculum(cur, os.path.join(run_dir, "curriculum.png"), cfg.curriculum.epochs, baseline)
-            with open(os.path.join(run_dir, "plan.json"), "w") as f:
-                json.dump({"curriculum": cur.to_dict(), "budget_epochs": plan.epochs, "rows": plan.rows()}, f, indent=2)
+            baseline = write_run_files(cfg, cur, plan, run_dir)
             n_params = sum(p.numel() for p in model.parameters()) / 1e6
             log(f"MAE {cfg.model.arch} ({n_params:.1f}M params, target {cfg.model.target}), {len(files)} images, "
                 f"curriculum {cur.name} ({cur.budget} budget {cfg.curriculum.epochs:g}, "
@@ -99,18 +86,5 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain") -> Dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="YAML config (see configs/pretrain/)")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.batch_size=256")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "pretrain"
-        run(cfg, name)
-    except (ConfigError, CurriculumError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli_main("python -m pretrain", __doc__.splitlines()[0], PretrainConfig, run, "pretrain",
+                    "YAML config (see configs/pretrain/)", "key.sub=value overrides, e.g. train.batch_size=256", argv)

@@ -8,19 +8,8 @@
 #   tools/finetune.sh CONFIG mode=eval model.checkpoint=runs/x/checkpoints/checkpoint-best.pth
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$ROOT/tools/setup.sh" ${ET_SETUP_ARGS:-}
-cd "$ROOT"
-CONFIG=""
-if [[ $# -gt 0 && $1 != *=* && $1 != --* ]]; then CONFIG=$1; shift; fi
-NPROC=1
-ARGS=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --nproc) NPROC=${2:?--nproc needs a number}; shift 2 ;;
-    --nproc=*) NPROC=${1#--nproc=}; shift ;;
-    *) ARGS+=("$1"); shift ;;
-  esac
-done
+source "$ROOT/tools/_launch.sh"
+parse_launch_args "$@"
 if [[ -z $CONFIG ]]; then
   CONFIG=configs/finetune/demo.yaml
   # the demo needs the demo encoder: pretrain it first unless it is there (or given as an override)
@@ -29,7 +18,4 @@ if [[ -z $CONFIG ]]; then
     ET_SETUP_ARGS=${ET_SETUP_ARGS:-} bash tools/pretrain.sh
   fi
 fi
-if [[ $NPROC -gt 1 ]]; then
-  exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" -m finetune --config "$CONFIG" "${ARGS[@]+"${ARGS[@]}"}"
-fi
-exec .venv/bin/python -m finetune --config "$CONFIG" "${ARGS[@]+"${ARGS[@]}"}"
+launch_module finetune
