@@ -4,7 +4,7 @@ A level at stride ``s`` from a backbone map at stride ``b`` is made by ``log2(b 
 deconvolutions (LayerNorm + GELU between them) when ``s < b``, taken as is when ``s == b``, or
 max-pooled by ``s / b`` when ``s > b``; then a 1x1 and a 3x3 convolution, each followed by a
 LayerNorm over channels. The scale factors follow from the strides, so a patch-16 ViT-B (``b=16``)
-and the patch-8 demo ViT (``b=8``) give the same strides 4-32 with the same config keys.
+and the patch-4 demo ViT (``b=4``) give the same strides 4-32 with the same config keys.
 Extra coarser levels (RetinaNet's P6/P7, the RPN's stride 64) come from the last level by
 stride-2 max-pooling (``'maxpool'``, as ViTDet / FPN's P6) or stride-2 3x3 convolutions
 (``'conv'``, as RetinaNet's P6/P7).

@@ -442,6 +442,16 @@ def etpp(final_size: int = 224, multiple_of: int = DEFAULT_MULTIPLE_OF, max_magn
                         "EfficientTrain++ official schedule (Swin/CSWin/ResNet-50)")
 
 
+def etpp_replay(final_size: int = 224, multiple_of: int = DEFAULT_MULTIPLE_OF,
+                max_magnitude: float = MAX_MAGNITUDE) -> Curriculum:
+    """:func:`etpp` with the replay buffer of the official DeiT-S / ResNet-50 scripts: replay times
+    4,4,2,2,2,2,1,1,1,1 with buffers of 1920 (96 px) and 256 (160 px) loader batches, for hosts
+    whose CPUs cannot feed the accelerators in the cheap stages."""
+    cur = with_replay(etpp(final_size, multiple_of, max_magnitude), [4, 4, 2, 2, 2, 2, 1, 1, 1, 1],
+                      [1920, 1920, 256, 256, 256, 256, 1, 1, 1, 1])
+    return replace(cur, name="etpp-replay", description="EfficientTrain++ with the official replay buffer")
+
+
 def etpp_deit(final_size: int = 224, multiple_of: int = DEFAULT_MULTIPLE_OF, max_magnitude: float = MAX_MAGNITUDE) -> Curriculum:
     """EfficientTrain++ tailored for DeiT: 96 x2, 160 x4, 192 x2, 224 x2."""
     return _etpp_family("etpp-deit", [96] * 2 + [160] * 4 + [192] * 2 + [224] * 2, final_size, multiple_of,
@@ -478,6 +488,7 @@ BUILTIN: Dict[str, Callable[..., Curriculum]] = {
     "baseline": baseline,
     "et": et,
     "etpp": etpp,
+    "etpp-replay": etpp_replay,
     "etpp-deit": etpp_deit,
     "etpp-convnext": etpp_convnext,
     "linear": linear,

@@ -4,6 +4,12 @@ Official semantics: the loader yields 1/rt of the training batch; each loader ba
 ``chunks_per_batch`` chunks kept on the CPU (FIFO, evicted one loader batch at a time); each step
 returns the fresh batch followed by (rt - 1) * chunks_per_batch chunks drawn uniformly with
 replacement from the buffer (the fresh chunks included). The buffer is emptied at stage changes.
+The official code stores the stage-size model input in float16; so does a training loop that
+passes ``store_dtypes=(torch.float16, ...)``.
+
+On a GPU the fresh batch is copied into pinned host memory without blocking and replayed chunks
+are copied back the same way: both copies are queued on the current stream, which orders them,
+so a step never waits for the host (the host never reads the stored pixels).
 """
 from __future__ import annotations
 
@@ -11,6 +17,15 @@ from collections import deque
 from typing import Deque, List, Optional, Sequence, Tuple
 
 import torch
+
+
+def buffer_bytes(capacity: int, loader_batch: int, sample_shape: Sequence[int], bytes_per_element: int = 2) -> int:
+    """Memory a full buffer holds per process: ``capacity`` loader batches of ``loader_batch``
+    samples of ``sample_shape`` (e.g. (3, 96, 96) in float16, as the official code stores them)."""
+    n = 1
+    for d in sample_shape:
+        n *= int(d)
+    return int(capacity) * int(loader_batch) * n * int(bytes_per_element)
 
 
 class ReplayBuffer:
@@ -24,7 +39,8 @@ class ReplayBuffer:
         store_dtypes: per tensor passed to :meth:`step`, the dtype it is kept in on the CPU (for
             instance ``torch.uint8`` for images, ``torch.float16`` for float tensors); ``None``
             keeps the tensor's dtype. Replayed chunks come back in the fresh tensor's dtype.
-        pin_memory: keep chunks in pinned memory (default: when CUDA is available).
+        pin_memory: keep chunks in pinned memory (default: when CUDA is available), so the copies
+            to and from the device run asynchronously.
         seed: seed of the draw; the same seed and inputs give the same batches.
     """
 
@@ -72,8 +88,10 @@ class ReplayBuffer:
             raise ValueError(f"ReplayBuffer: store_dtypes has {len(dtypes)} entries but step() got {len(tensors)} tensors")
         stored = []
         for t, dt in zip(tensors, dtypes):
-            cpu = t.detach().to("cpu", dtype=dt or t.dtype, copy=True)
-            stored.append(cpu.pin_memory() if self.pin_memory else cpu)
+            t = t.detach().to(dt or t.dtype)                     # convert on the tensor's device (less to copy)
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory)
+            host.copy_(t, non_blocking=self.pin_memory and t.device.type == "cuda")
+            stored.append(host)
         chunks = list(zip(*(s.chunk(self.chunks_per_batch) for s in stored)))
         self._batches.append(chunks)
         while len(self._batches) > self.capacity:
@@ -95,8 +113,11 @@ class ReplayBuffer:
         picks = torch.randint(len(flat), (k,), generator=self.generator).tolist()
         out = []
         for j, fresh in enumerate(tensors):
-            replayed = torch.cat([flat[i][j] for i in picks]).to(fresh.device, dtype=fresh.dtype, non_blocking=True)
-            out.append(torch.cat([fresh, replayed]))
+            if fresh.device.type == "cpu":
+                replayed = torch.cat([flat[i][j] for i in picks])
+            else:   # chunk by chunk: the host never reads memory a pending copy may still write
+                replayed = torch.cat([flat[i][j].to(fresh.device, non_blocking=self.pin_memory) for i in picks])
+            out.append(torch.cat([fresh, replayed.to(fresh.dtype)]))
         return tuple(out)
 
     def state_dict(self) -> dict:

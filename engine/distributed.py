@@ -46,12 +46,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def all_reduce_mean(value: float, info: DistInfo) -> float:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return t.item() / info.world_size
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of a tensor over ranks (the tensor itself when not distributed)."""
+    if info.enabled:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
 
 
 def barrier(info: DistInfo) -> None:

@@ -16,6 +16,7 @@ from efficienttrain.curriculum import Curriculum, CurriculumError, Plan
 from efficienttrain.plot import plot_curriculum
 
 from .config import ConfigError, load_config, save_config
+from .data import DataError
 from .distributed import DistInfo, init_distributed
 from .trainer import NonFiniteLossError
 
@@ -59,7 +60,7 @@ def cli_main(prog: str, description: str, schema: Type, run: Callable[[Any, str]
         cfg = load_config(schema, args.config, args.overrides)
         name = os.path.splitext(os.path.basename(args.config))[0] if args.config else default_name
         run(cfg, name)
-    except (ConfigError, CurriculumError, FileNotFoundError, *user_errors) as e:
+    except (ConfigError, CurriculumError, DataError, FileNotFoundError, *user_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

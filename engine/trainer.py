@@ -3,7 +3,13 @@
 A job (MAE pretraining, fine-tuning) plugs in a model and a :class:`Task` (its data pipeline and
 loss); the loop owns everything else: sample order and sharding, replay, LR, mixed precision,
 accumulation, clipping, checkpoints and resume, metrics. A stage change is just the plan's answer
-changing: a new loader for the new size, the replay buffer emptied, the optimizer untouched.
+changing: the sample keys carry the new size, the replay buffer is emptied, the optimizer and the
+loader (one for the whole run) are untouched.
+
+No host-device synchronisation in a step that does not log: the loss is accumulated on the device
+and read every ``log_every`` steps and before every checkpoint (where a non-finite loss stops the
+run, so no checkpoint ever holds the state that followed one); checkpoints are written by a
+background thread.
 
 Data order: a single stream of sample positions 0, 1, 2, ...; position k is sample
 ``perm_e[k mod n]`` of data epoch ``e = k // n`` (a seeded permutation per epoch). Optimizer step
@@ -15,13 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -30,10 +35,11 @@ import torch.nn as nn
 from efficienttrain.curriculum import Plan, PlannedStage, StepInfo
 from efficienttrain.replay import ReplayBuffer
 
-from .checkpoint import atomic_save, find_latest, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointWriter, atomic_save, atomic_write_json, find_latest, load_checkpoint, save_checkpoint
 from .config import ConfigError
-from .distributed import DistInfo, all_reduce_mean
+from .distributed import DistInfo, all_reduce_sum
 from .optim import no_weight_decay
+from .speed import RunTiming, StageTiming, format_saving, measured_saving
 
 
 @dataclass
@@ -50,7 +56,9 @@ class TrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: Optional[float] = None
     amp: str = "auto"                      # auto (bf16 on capable GPUs, else fp16; off on CPU) | bf16 | fp16 | off
-    compile: bool = False
+    compile: bool = False                  # torch.compile the model (static shapes: one graph per curriculum size)
+    compile_backend: str = "inductor"      # torch.compile backend (inductor; eager / aot_eager to debug)
+    compile_recompile_limit: Optional[int] = None   # graphs per compiled frame (default: fits the curriculum)
     seed: int = 0
     device: str = "auto"
     output_dir: str = ""                   # run directory (default: runs/<config name>)
@@ -74,15 +82,28 @@ class TrainConfig:
         return self.lr if self.lr is not None else self.blr * self.batch_size / 256
 
 
+class Prepared(NamedTuple):
+    """A micro-batch ready for the model: device tensors (what the replay buffer stores) and the
+    unreadable files skipped while preparing it (beyond those the loader counted)."""
+
+    inputs: Tuple[torch.Tensor, ...]
+    skipped: int = 0
+
+
 class Task(Protocol):
     """What a job plugs into the loop."""
 
-    def make_loader(self, stage: PlannedStage, batches: "StageBatches") -> Iterator[Tuple[torch.Tensor, ...]]:
-        """Yield one batch per list of (dataset index, stream position, magnitude): a tuple of CPU
-        tensors whose last entry counts, per sample, the unreadable files skipped to produce it."""
+    def make_loader(self, batches: "RunBatches") -> Iterable[Tuple[torch.Tensor, ...]]:
+        """One loader for the whole run: yield a batch per list of sample keys (dataset index,
+        stream position, magnitude, stage size); a tuple of CPU tensors whose last entry counts,
+        per sample, the unreadable files skipped to produce it."""
 
-    def loss(self, model: nn.Module, batch: Tuple[torch.Tensor, ...], info: StepInfo) -> torch.Tensor:
-        """Move the batch to the device, apply the stage transform (e.g. low-frequency crop), return the loss."""
+    def prepare(self, batch: Tuple[torch.Tensor, ...], info: StepInfo) -> Prepared:
+        """Move a loader batch (without its skip counts) to the device and apply the stage
+        transform (decode, low-frequency crop, normalise): the model's inputs at the stage size."""
+
+    def loss(self, model: nn.Module, inputs: Tuple[torch.Tensor, ...], info: StepInfo) -> torch.Tensor:
+        """The loss of a prepared (possibly replayed) batch; runs under autocast."""
 
     def on_stage_end(self, model: nn.Module, stage: PlannedStage, run_dir: str) -> None:
         """Pictures or evaluations at the end of a stage (rank 0 only)."""
@@ -90,7 +111,9 @@ class Task(Protocol):
     def checkpoint_meta(self) -> Dict[str, Any]:
         """Metadata saved in every checkpoint (architecture, sizes, target, ...)."""
 
-    # Optional: ``on_stage_start(model, stage)`` (per-size model preparation), and
+    # Optional: ``replay_dtypes`` (per prepared tensor, the dtype the replay buffer keeps it in),
+    # ``replay_chunks`` (chunks per loader batch, default 32), ``on_stage_start(model, stage)``
+    # (per-size model preparation), ``metrics() -> dict`` (extra numbers for the log), and
     # ``evaluate(model) -> dict`` with ``best_metric`` (a key of that dict, higher is better):
     # then evaluation runs at stage ends (and every ``eval_every_steps``) and the best checkpoint
     # is kept as ``checkpoint-best.pth``.
@@ -108,29 +131,41 @@ def sample_index(position: int, n: int, seed: int, _cache: Dict = {}) -> int:
     return _cache[key][position % n]
 
 
-class StageBatches:
-    """This rank's micro-batches of (dataset index, stream position, augmentation magnitude), from
-    ``first_step`` to the end of a stage; lazy (a stage can span hundreds of millions of samples).
-    Used as a DataLoader ``batch_sampler``: the magnitude travels with every sample, so the
-    curriculum's per-step augmentation strength reaches transforms running in worker processes."""
+SampleKey = Tuple[int, int, float, int]   # (dataset index, stream position, magnitude, stage size)
 
-    def __init__(self, ps: PlannedStage, first_step: int, stage_position: int, n: int, seed: int,
-                 dist: DistInfo) -> None:
-        self.ps, self.first_step, self.stage_position, self.n, self.seed = ps, first_step, stage_position, n, seed
-        self.per_rank = ps.loader_batch_size // dist.world_size
-        self.micro = self.per_rank // ps.accum_steps
-        self.rank = dist.rank
+
+class RunBatches:
+    """This rank's micro-batches of sample keys from optimizer step ``first_step`` to the end of
+    the run; lazy (a run spans hundreds of millions of samples). Used as the ``batch_sampler`` of
+    ONE DataLoader for the whole run, so workers keep prefetching across stage changes (no
+    worker restart, no drained pipeline). The augmentation magnitude and stage size travel with
+    every key to transforms running in worker processes."""
+
+    def __init__(self, plan: Plan, first_step: int, n: int, seed: int, dist: DistInfo) -> None:
+        self.plan, self.first_step, self.n, self.seed = plan, first_step, n, seed
+        self.world, self.rank = dist.world_size, dist.rank
+
+    def stage_batches(self, ps: PlannedStage, first: int = 0) -> Iterator[List[SampleKey]]:
+        """Micro-batches of stage ``ps`` from its step ``first``."""
+        per_rank = ps.loader_batch_size // self.world
+        micro = per_rank // ps.accum_steps
+        stage_position = sum(p.steps * p.loader_batch_size for p in self.plan.stages[:ps.index])
+        for t in range(first, ps.steps):
+            base = stage_position + t * ps.loader_batch_size + self.rank * per_rank
+            magnitude = ps.stage.magnitude_at(t / ps.steps)   # the step's augmentation strength
+            for a in range(ps.accum_steps):
+                start = base + a * micro
+                yield [(sample_index(p, self.n, self.seed), p, magnitude, ps.stage.size)
+                       for p in range(start, start + micro)]
 
     def __len__(self) -> int:
-        return (self.ps.steps - self.first_step) * self.ps.accum_steps
+        return sum((ps.steps - max(0, self.first_step - ps.start_step)) * ps.accum_steps
+                   for ps in self.plan.stages if ps.end_step > self.first_step)
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int, float]]]:
-        for t in range(self.first_step, self.ps.steps):
-            base = self.stage_position + t * self.ps.loader_batch_size + self.rank * self.per_rank
-            magnitude = self.ps.stage.magnitude_at(t / self.ps.steps)   # the step's augmentation strength
-            for a in range(self.ps.accum_steps):
-                start = base + a * self.micro
-                yield [(sample_index(p, self.n, self.seed), p, magnitude) for p in range(start, start + self.micro)]
+    def __iter__(self) -> Iterator[List[SampleKey]]:
+        for ps in self.plan.stages:
+            if ps.end_step > self.first_step:
+                yield from self.stage_batches(ps, max(0, self.first_step - ps.start_step))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -160,9 +195,11 @@ class CurriculumTrainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, task: Task, plan: Plan, dist: DistInfo,
                  run_dir: str, config_dict: Dict[str, Any], dataset_size: int,
                  log: Callable[[str], None] = print,
-                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 baseline_epochs: Optional[float] = None) -> None:
         self.cfg, self.task, self.plan, self.dist = cfg, task, plan, dist
         self.run_dir, self.config_dict, self.n = run_dir, config_dict, dataset_size
+        self.baseline_epochs = baseline_epochs if baseline_epochs is not None else plan.epochs
         self.log = log if dist.is_main else (lambda msg: None)
         self.model = model.to(dist.device)
         for ps in plan.stages:
@@ -171,12 +208,13 @@ class CurriculumTrainer:
                     f"stage {ps.index}: loader batch {ps.loader_batch_size} (batch {ps.batch_size} / replay "
                     f"{ps.stage.replay_times}) is not divisible by world size {dist.world_size} x accum_steps "
                     f"{ps.accum_steps}; choose a batch size that is")
+            if ps.stage.replay_times > 1:
+                self.replay_chunks(ps)          # fail before training, not at the stage
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
                     if dist.enabled else self.model)
-        self.forward_model = torch.compile(self.ddp) if cfg.compile else self.ddp
-        fused = dist.device.type == "cuda"
+        self.forward_model = self._compiled(self.ddp) if cfg.compile else self.ddp
         self.optimizer = optimizer or torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.base_lr(),
-                                                        betas=tuple(cfg.betas), **({"fused": True} if fused else {}))
+                                                        betas=tuple(cfg.betas), fused=True)
         self.dtype = amp_dtype(cfg, dist.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.step = 0
@@ -184,9 +222,34 @@ class CurriculumTrainer:
         self.best: Optional[float] = None
         self.last_eval: Dict[str, float] = {}
         self.replay: Optional[ReplayBuffer] = None
+        self.timing = RunTiming()
         self.ckpt_dir = os.path.join(run_dir, "checkpoints")
+        self.writer = CheckpointWriter()
         self._metrics_file = None
         self._tb = None
+
+    # ---- torch.compile ---------------------------------------------------------------------------
+    def shapes(self) -> List[Tuple[int, int]]:
+        """Distinct (per-process micro-batch, input size) pairs the model sees: one compiled graph each."""
+        return sorted({(ps.batch_size // (self.dist.world_size * ps.accum_steps), ps.stage.size) for ps in self.plan.stages})
+
+    def _compiled(self, module: nn.Module) -> nn.Module:
+        """``torch.compile`` with static shapes: a curriculum has a handful of input sizes, each
+        compiled once; a recompile limit below that count would silently run the rest eagerly."""
+        import torch._dynamo
+
+        shapes = self.shapes()
+        limit = self.cfg.compile_recompile_limit
+        if limit is None:
+            limit = max(8, len(shapes) + 2)      # + evaluation / picture shapes
+        elif limit < len(shapes):
+            warnings.warn(f"curriculum {self.plan.curriculum.name!r} trains at {len(shapes)} distinct (batch, size) "
+                          f"shapes {shapes} but train.compile_recompile_limit={limit}: shapes beyond the limit run "
+                          f"uncompiled (slow); raise train.compile_recompile_limit to at least {len(shapes)}")
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = limit
+        cfg.accumulated_recompile_limit = max(getattr(cfg, "accumulated_recompile_limit", 256), 4 * limit)
+        return torch.compile(module, dynamic=False, backend=self.cfg.compile_backend)
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -198,6 +261,7 @@ class CurriculumTrainer:
             "samples_seen": self.position_at(self.step),
             "bad_samples": self.bad_samples,
             "best": self.best,
+            "timing": self.timing.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "replay": self.replay.state_dict() if self.replay is not None else None,
@@ -216,6 +280,7 @@ class CurriculumTrainer:
         self.step = int(state["step"])
         self.bad_samples = int(state.get("bad_samples", 0))
         self.best = state.get("best")
+        self.timing.load_state_dict(state.get("timing"))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(_to_tuple(rng["python"]))
@@ -252,10 +317,20 @@ class CurriculumTrainer:
         self.log(f"resumed from {path} at step {self.step}/{self.plan.total_steps}")
         return True
 
-    def save(self) -> None:
-        if self.dist.is_main:
-            path = save_checkpoint(self.state_dict(), self.ckpt_dir, self.step, self.cfg.keep_last)
-            self.log(f"saved {path}")
+    def save(self, best: bool = False) -> None:
+        """Checkpoint the current step (rank 0) on the background writer; never a state that
+        followed a non-finite loss."""
+        self._check_finite()
+        if not self.dist.is_main:
+            return
+        if best:
+            path = os.path.join(self.ckpt_dir, "checkpoint-best.pth")
+            self.writer.submit(self.state_dict(), lambda st: atomic_save(st, path))
+        else:
+            step, keep = self.step, self.cfg.keep_last
+            self.writer.submit(self.state_dict(), lambda st: save_checkpoint(st, self.ckpt_dir, step, keep))
+            path = os.path.join(self.ckpt_dir, f"checkpoint-{step:08d}.pth")
+        self.log(f"saving {path}")
 
     # ---- metrics -------------------------------------------------------------------------------
     def _open_logs(self) -> None:
@@ -284,14 +359,107 @@ class CurriculumTrainer:
         if self._tb is not None:
             self._tb.close()
 
+    # ---- loss bookkeeping on the device (read only when logging or saving) ---------------------
+    def _reset_loss(self) -> None:
+        dev = self.dist.device
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self._loss_steps = 0
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=dev)   # first non-finite step
+        self._bad_value = torch.zeros((), dtype=torch.float32, device=dev)      # and its loss
+        self._checked_step = self.step
+
+    def _record_loss(self, loss: torch.Tensor) -> None:
+        first = ~torch.isfinite(loss) & (self._first_bad < 0)
+        self._bad_value = torch.where(first, loss, self._bad_value)
+        self._first_bad = torch.where(first, self.step, self._first_bad)
+        self._loss_sum += loss.double()
+        self._loss_steps += 1
+
+    def _read_loss(self, reset: bool = True) -> float:
+        """Mean loss since the last reset, averaged over ranks (one host sync); raises on a
+        non-finite loss on any rank. Every rank calls it at the same steps (log steps, saves)."""
+        dev = self.dist.device
+        stats = torch.stack([self._loss_sum, torch.tensor(float(self._loss_steps), dtype=torch.float64, device=dev),
+                             (self._first_bad >= 0).double()])
+        local_bad = int(self._first_bad.item())
+        stats = all_reduce_sum(stats, self.dist).tolist()
+        if stats[2] > 0:
+            if local_bad >= 0:
+                at = self.plan.at(local_bad)
+                where = (f"({self._bad_value.item()}) at step {local_bad} (stage {at.stage_index}, input {at.size}, "
+                         f"lr {self.plan.lr(local_bad, self.cfg.base_lr(), self.cfg.warmup_epochs, self.cfg.min_lr):.3g})")
+            else:
+                where = f"on another rank between steps {self._checked_step} and {self.step}"
+            raise NonFiniteLossError(
+                f"non-finite loss {where}; stopping without saving. The last good "
+                f"checkpoint is kept in {self.ckpt_dir}. Try a lower lr/blr, amp=bf16 or off, or clip_grad.")
+        self._checked_step = self.step
+        mean = stats[0] / max(stats[1], 1.0)
+        if reset:
+            self._loss_sum.zero_()
+            self._loss_steps = 0
+        return mean
+
+    def _check_finite(self) -> None:
+        """Before a checkpoint: stop if any step since the last check had a non-finite loss."""
+        if self._checked_step != self.step:
+            self._read_loss(reset=False)
+
     # ---- the loop ------------------------------------------------------------------------------
     def _set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
 
-    def _micro_batches(self, ps: PlannedStage, first_step: int) -> Iterator[Tuple[torch.Tensor, ...]]:
-        batches = StageBatches(ps, first_step, self.position_at(ps.start_step), self.n, self.cfg.seed, self.dist)
-        return iter(self.task.make_loader(ps, batches))
+    def _sync(self) -> None:
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+
+    def _start_stage(self, ps: PlannedStage) -> None:
+        if hasattr(self.task, "on_stage_start"):
+            self.task.on_stage_start(self.model, ps)
+        self.replay = None
+        if ps.stage.replay_times > 1:
+            self.replay = ReplayBuffer(ps.stage.replay_buffer, ps.stage.replay_times, self.replay_chunks(ps),
+                                       store_dtypes=getattr(self.task, "replay_dtypes", None),
+                                       seed=self.cfg.seed * 7919 + ps.index * 31 + self.dist.rank)
+            if self._resume_replay is not None:
+                self.replay.load_state_dict(self._resume_replay)
+        self._resume_replay = None
+        self.timing.stages.setdefault(ps.index, StageTiming(ps.stage.size))
+        self.log(f"stage {ps.index}: input {ps.stage.size}, batch {ps.batch_size} x accum {ps.accum_steps}, "
+                 f"replay {ps.stage.replay_times}, steps {ps.start_step}-{ps.end_step}")
+
+    def _train_step(self, it: Iterator, info: StepInfo) -> int:
+        """One optimizer step; returns the samples the model processed (this rank). No host sync."""
+        cfg = self.cfg
+        images = 0
+        step_loss = None
+        for a in range(info.accum_steps):
+            batch = next(it)
+            self.bad_samples += int(batch[-1].sum())             # CPU tensor: no device sync
+            prepared = self.task.prepare(batch[:-1], info)
+            self.bad_samples += prepared.skipped
+            inputs = prepared.inputs
+            if self.replay is not None:
+                inputs = self.replay.step(*inputs)
+            images += inputs[0].shape[0]
+            sync = a == info.accum_steps - 1 or not self.dist.enabled
+            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+            np.random.seed((cfg.seed * 1_000_003 + self.step * 101 + a * 7 + self.dist.rank) % 2 ** 32)
+            with ctx:
+                with torch.autocast(self.dist.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                    loss = self.task.loss(self.forward_model, inputs, info)
+                self.scaler.scale(loss / info.accum_steps).backward()
+            part = loss.detach().float() / info.accum_steps
+            step_loss = part if step_loss is None else step_loss + part
+        self._record_loss(step_loss)
+        if cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return images
 
     def fit(self) -> Dict[str, Any]:
         cfg, plan = self.cfg, self.plan
@@ -299,6 +467,8 @@ class CurriculumTrainer:
         self._resume_replay = None
         self.maybe_resume()
         self._open_logs()
+        self._reset_loss()
+        self._last_loss = float("nan")
         total = plan.total_steps
         stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
         progress = None
@@ -307,94 +477,98 @@ class CurriculumTrainer:
 
             progress = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1,
                             mininterval=1.0)
-        last_loss = float("nan")
         try:
-            stage_idx, it = -1, None
+            it = iter(self.task.make_loader(RunBatches(plan, self.step, self.n, cfg.seed, self.dist))) \
+                if self.step < stop else None
+            stage_idx = -1
             t_log, imgs_since = time.perf_counter(), 0
             self._t0, self._budget0 = t_log, plan.budget_fraction(self.step)
+            t_stage = t_log
             while self.step < stop:
                 info = plan.at(self.step)
                 ps = plan.stages[info.stage_index]
                 if info.stage_index != stage_idx:
                     stage_idx = info.stage_index
-                    if hasattr(self.task, "on_stage_start"):
-                        self.task.on_stage_start(self.model, ps)
-                    it = self._micro_batches(ps, info.stage_step)
-                    self.replay = None
-                    if info.replay_times > 1:
-                        self.replay = ReplayBuffer(info.replay_buffer, info.replay_times, self.task_chunks(ps),
-                                                   seed=cfg.seed * 7919 + stage_idx * 31 + self.dist.rank)
-                        if self._resume_replay is not None:
-                            self.replay.load_state_dict(self._resume_replay)
-                    self._resume_replay = None
-                    self.log(f"stage {stage_idx}: input {info.size}, batch {info.batch_size} x accum "
-                             f"{info.accum_steps}, replay {info.replay_times}, steps {ps.start_step}-{ps.end_step}")
+                    self._start_stage(ps)
+                    t_stage = time.perf_counter()
                 lr = plan.lr(self.step, cfg.base_lr(), cfg.warmup_epochs, cfg.min_lr)
                 self._set_lr(lr)
-                loss_sum = 0.0
-                for a in range(info.accum_steps):
-                    batch = next(it)
-                    batch, bad = batch[:-1], int(batch[-1].sum())
-                    self.bad_samples += bad
-                    if self.replay is not None:
-                        batch = self.replay.step(*batch)
-                    imgs_since += batch[0].shape[0] * self.dist.world_size
-                    sync = a == info.accum_steps - 1 or not self.dist.enabled
-                    ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
-                    np.random.seed((cfg.seed * 1_000_003 + self.step * 101 + a * 7 + self.dist.rank) % 2 ** 32)
-                    with ctx:
-                        with torch.autocast(self.dist.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                            loss = self.task.loss(self.forward_model, batch, info)
-                        self.scaler.scale(loss / info.accum_steps).backward()
-                    loss_sum += loss.detach().float().item()
-                loss_val = all_reduce_mean(loss_sum / info.accum_steps, self.dist)
-                if not math.isfinite(loss_val):
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss_val}) at step {self.step} (stage {stage_idx}, input {info.size}, "
-                        f"lr {lr:.3g}); stopping without saving. The last good checkpoint is kept in "
-                        f"{self.ckpt_dir}. Try a lower lr/blr, amp=bf16 or off, or clip_grad.")
-                if cfg.clip_grad is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
+                images = self._train_step(it, info)
+                imgs_since += images * self.dist.world_size
+                st = self.timing.stages[stage_idx]
+                st.images += images * self.dist.world_size
+                st.steps += 1
                 self.step += 1
-                last_loss = loss_val
 
-                if self.dist.is_main and (self.step % cfg.log_every == 0 or self.step == stop):
+                stage_end = self.step == ps.end_step
+                evaluate = hasattr(self.task, "evaluate") and (
+                    stage_end or self.step == stop or (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0))
+                save = stage_end or self.step == stop or bool(cfg.save_every_steps and self.step % cfg.save_every_steps == 0)
+                if stage_end or self.step == stop or evaluate or save:
+                    self._sync()                     # queued device work belongs to the steps, not the overhead
+                if stage_end or self.step == stop:
+                    st.seconds += time.perf_counter() - t_stage
+                if self.step % cfg.log_every == 0 or self.step == stop:
+                    self._last_loss = self._read_loss()
                     now = time.perf_counter()
-                    rec = {"step": self.step, "stage": stage_idx, "size": info.size, "loss": loss_val, "lr": lr,
-                           "budget": plan.budget_fraction(self.step), "magnitude": info.magnitude,
-                           "images_per_s": imgs_since / max(now - t_log, 1e-9),
-                           "data_epoch": self.position_at(self.step) / self.n, "bad_samples": self.bad_samples}
-                    if self.dist.device.type == "cuda":
-                        rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2 ** 30
-                    self._write_metrics(rec)
+                    if self.dist.is_main:
+                        rec = {"step": self.step, "stage": stage_idx, "size": info.size, "loss": self._last_loss,
+                               "lr": lr, "budget": plan.budget_fraction(self.step), "magnitude": info.magnitude,
+                               "images_per_s": imgs_since / max(now - t_log, 1e-9),
+                               "data_epoch": self.position_at(self.step) / self.n, "bad_samples": self.bad_samples,
+                               **(self.task.metrics() if hasattr(self.task, "metrics") else {})}
+                        if self.dist.device.type == "cuda":
+                            rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2 ** 30
+                        self._write_metrics(rec)
+                        if progress is not None:
+                            progress.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{lr:.2e}", size=info.size,
+                                                 img_s=f"{rec['images_per_s']:.0f}", eta=self._eta(now), refresh=False)
                     t_log, imgs_since = now, 0
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", size=info.size,
-                                             img_s=f"{rec['images_per_s']:.0f}", eta=self._eta(now), refresh=False)
                 if progress is not None:
                     progress.update(1)
 
-                stage_end = self.step == ps.end_step
+                t_over = time.perf_counter()
                 if stage_end and self.dist.is_main:
                     self.task.on_stage_end(self.model, ps, self.run_dir)
-                improved = False
-                if hasattr(self.task, "evaluate") and (
-                        stage_end or self.step == stop or (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0)):
-                    improved = self._evaluate()
-                if stage_end or (cfg.save_every_steps and self.step % cfg.save_every_steps == 0) or self.step == stop:
+                improved = self._evaluate() if evaluate else False
+                if save:
                     self.save()
-                if improved and self.dist.is_main:
-                    atomic_save(self.state_dict(), os.path.join(self.ckpt_dir, "checkpoint-best.pth"))
+                if improved:
+                    self.save(best=True)
+                now = time.perf_counter()
+                self.timing.overhead_seconds += now - t_over
+                if not stage_end:
+                    t_stage += now - t_over          # stage time counts steps, not the overhead
+                else:
+                    t_stage = now
+                t_log += now - t_over
+            self.writer.wait()
+        except BaseException:
+            self._finish_writes()
+            raise
         finally:
             if progress is not None:
                 progress.close()
             self._close_logs()
-        return {"step": self.step, "total_steps": total, "loss": last_loss, "bad_samples": self.bad_samples,
-                "best": self.best, "eval": self.last_eval}
+        summary = self.speed_summary()
+        if self.dist.is_main and self.step > 0:
+            self.log(format_saving(summary))
+            atomic_write_json(summary, os.path.join(self.run_dir, "summary.json"))
+        return {"step": self.step, "total_steps": total, "loss": self._last_loss, "bad_samples": self.bad_samples,
+                "best": self.best, "eval": self.last_eval, "speed": summary}
+
+    def _finish_writes(self) -> None:
+        """On the way out of a failed run: let a pending (good) checkpoint reach the disk; a write
+        error is reported, the run's own error is the one raised."""
+        try:
+            self.writer.wait()
+        except Exception as e:
+            warnings.warn(f"the last checkpoint write failed as well: {type(e).__name__}: {e}")
+
+    def speed_summary(self) -> Dict[str, Any]:
+        cur = self.plan.curriculum
+        return measured_saving(self.timing, cur.final_size, self.n, self.baseline_epochs,
+                               cur.speedup(self.plan.epochs, self.baseline_epochs))
 
     def _evaluate(self) -> bool:
         """Run the task's evaluation (every rank), log it, and say whether it is the best so far."""
@@ -420,12 +594,14 @@ class CurriculumTrainer:
         h, rem = divmod(int(left), 3600)
         return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
 
-    def task_chunks(self, ps: PlannedStage) -> int:
+    def replay_chunks(self, ps: PlannedStage) -> int:
         micro = ps.loader_batch_size // (self.dist.world_size * ps.accum_steps)
         chunks = getattr(self.task, "replay_chunks", 32)
         if micro % chunks:
-            raise ConfigError(f"stage {ps.index}: the per-rank loader micro-batch {micro} is not divisible by "
-                              f"replay_chunks={chunks}; choose batch sizes that are")
+            raise ConfigError(f"stage {ps.index}: the per-process loader micro-batch {micro} (batch {ps.batch_size} / "
+                              f"replay {ps.stage.replay_times} / {self.dist.world_size} process(es) / accum "
+                              f"{ps.accum_steps}) is not divisible by data.replay_chunks={chunks}; choose batch "
+                              "sizes or data.replay_chunks so that it is")
         return chunks
 
 

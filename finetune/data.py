@@ -60,8 +60,8 @@ class CurriculumTrainDataset(SkippingImageDataset):
             for op in self.randaug.ops:
                 op.magnitude = m
 
-    def __getitem__(self, key: Tuple[int, int, float]):
-        idx, pos, magnitude = key
+    def __getitem__(self, key: Tuple[int, int, float, int]):
+        idx, pos, magnitude = key[:3]            # (key[3], the stage size, is applied on the device)
         img, used, skipped = self.load(idx)
         s = self.seed * 1_000_003 + pos
         random.seed(s)

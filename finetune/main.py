@@ -88,7 +88,8 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune") -> Dict:
                 f"curriculum {cur.name} ({plan.total_steps} steps), lr {cfg.train.base_lr():.3g}; parameter groups:\n{groups}")
         task = ClassificationTask(cfg, train_files, train_labels, val_files, val_labels, dist)
         trainer = CurriculumTrainer(cfg.train, model, task, plan, dist, run_dir, to_dict(cfg), len(train_files),
-                                    optimizer=optimizer)
+                                    optimizer=optimizer,
+                                    baseline_epochs=cfg.curriculum.baseline_epochs or cfg.curriculum.epochs)
         result = trainer.fit()
         if dist.is_main:
             ev = result.get("eval") or {}

@@ -14,7 +14,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from efficienttrain.curriculum import PlannedStage, StepInfo
 from efficienttrain.fourier import downsample, low_frequency_crop
 from engine.distributed import DistInfo
-from pretrain.data import normalize
+from engine.trainer import Prepared, RunBatches
+from pretrain.data import Normalizer
 
 from .config import FinetuneConfig
 from .data import CurriculumTrainDataset, EvalDataset, collate_train, eval_transform
@@ -50,6 +51,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, dist: Optional[Dist
 
 class ClassificationTask:
     best_metric = "top1"
+    replay_dtypes = (torch.float16, None)     # stage-size images as the official replay stores them; labels as they are
 
     def __init__(self, cfg: FinetuneConfig, train_files: Sequence[str], train_labels: Sequence[int],
                  val_files: Sequence[str], val_labels: Sequence[int], dist: DistInfo) -> None:
@@ -57,6 +59,7 @@ class ClassificationTask:
         self.train_files, self.train_labels = list(train_files), list(train_labels)
         d = cfg.data
         self.replay_chunks = 1
+        self.normalize = Normalizer(dist.device)
         self.mixup = (Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=d.smoothing,
                             num_classes=cfg.model.num_classes) if (d.mixup > 0 or d.cutmix > 0) else None)
         self.criterion = (SoftTargetCrossEntropy() if self.mixup is not None
@@ -70,11 +73,11 @@ class ClassificationTask:
                                                       sampler=sampler, num_workers=d.num_workers,
                                                       pin_memory=dist.device.type == "cuda")
 
-    def make_loader(self, ps: PlannedStage, batches) -> torch.utils.data.DataLoader:
+    def make_loader(self, batches: RunBatches) -> torch.utils.data.DataLoader:
         d = self.cfg.data
         ds = CurriculumTrainDataset(self.train_files, self.train_labels, self.cfg.model.img_size, d.randaug,
                                     d.scale, d.hflip, seed=self.cfg.train.seed)
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + ps.index)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919)
         return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=d.num_workers,
                                            collate_fn=collate_train, generator=gen,
                                            pin_memory=self.dist.device.type == "cuda")
@@ -92,12 +95,16 @@ class ClassificationTask:
             return low_frequency_crop(x, size)
         return downsample(x, size, "bicubic")
 
-    def loss(self, model: nn.Module, batch, info: StepInfo) -> torch.Tensor:
+    def prepare(self, batch, info: StepInfo) -> Prepared:
+        """Normalise, erase, low-frequency crop (official ET order); mixing happens per step in :meth:`loss`."""
         imgs, labels = batch[0].to(self.dist.device, non_blocking=True), batch[1].to(self.dist.device, non_blocking=True)
-        x = normalize(imgs)
+        x = self.normalize(imgs)
         if self.erasing is not None:
             x = self.erasing(x)
-        x = self.stage_transform(x, info.size)     # official ET order: crop normalised tensors, then mix
+        return Prepared((self.stage_transform(x, info.size), labels))
+
+    def loss(self, model: nn.Module, inputs, info: StepInfo) -> torch.Tensor:
+        x, labels = inputs
         if self.mixup is not None:
             if x.shape[0] % 2:
                 raise ValueError(f"mixup/cutmix need an even per-process batch, got {x.shape[0]}")

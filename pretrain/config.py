@@ -7,6 +7,7 @@ from typing import List, Literal, Optional
 from engine.config import ConfigError
 from engine.trainer import TrainConfig
 
+from .data import DECODE_MODES
 from .models_mae import ARCHS, TARGETS
 from .pos_embed import POS_EMBED_MODES
 
@@ -49,8 +50,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""                        # image folder (ImageFolder or flat tree) or a .txt list of paths
+    path: str = ""                        # image folder (ImageFolder or flat tree), a .txt list of paths, or tar shards
     num_workers: int = 8
+    decode: str = "auto"                  # cpu (PIL in the workers) | device (workers read bytes; decode + crop on
+                                          # the training device) | auto (device when training on CUDA)
     scale: List[float] = field(default_factory=lambda: [0.2, 1.0])   # RandomResizedCrop scale
     lowfreq: Literal["fft", "cpu-lanczos", "downsample"] = "fft"
     downsample_mode: Literal["bilinear", "bicubic", "area", "nearest"] = "bicubic"
@@ -63,6 +66,21 @@ class DataConfig:
             raise ConfigError(f"{where}.path is required: an image folder or a .txt file listing image paths")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ConfigError(f"{where}.scale must be [min, max] with 0 < min <= max <= 1, got {self.scale}")
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"{where}.decode: {self.decode!r} is not allowed; allowed: {', '.join(DECODE_MODES)}")
+        if self.decode == "device" and self.lowfreq == "cpu-lanczos":
+            raise ConfigError(f"{where}.decode=device cannot be combined with {where}.lowfreq=cpu-lanczos (the "
+                              "Lanczos resize runs in the workers on decoded images); use decode=cpu, or lowfreq=fft")
+        if self.replay_chunks < 1:
+            raise ConfigError(f"{where}.replay_chunks must be >= 1, got {self.replay_chunks}")
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers must be >= 0, got {self.num_workers}")
+
+    def decode_on(self, device) -> str:
+        """The decode path for a run on ``device`` (``auto``: the device path on CUDA)."""
+        if self.decode == "auto":
+            return "device" if device.type == "cuda" and self.lowfreq != "cpu-lanczos" else "cpu"
+        return self.decode
 
 
 @dataclass

@@ -1,25 +1,36 @@
-"""MAE pretraining data: image lists, position-seeded augmentation on CPU workers, uint8 batches.
+"""MAE pretraining data: position-seeded RandomResizedCrop + flip, decoded on CPU workers or on the
+training device.
 
 Augmentation (MAE): RandomResizedCrop to the FINAL size (scale 0.2-1, ratio 3/4-4/3, bicubic) and
-a horizontal flip, seeded by the sample's stream position so resumed runs are exact. Batches
-leave the workers as uint8 [N, 3, S, S]; normalisation and the low-frequency crop to the stage
-size happen on the device. With ``lowfreq=cpu-lanczos`` (the official ET++ approximation) the
-workers also Lanczos-resize to the stage size.
+a horizontal flip, both drawn from an RNG seeded by the sample's stream position, so resumed runs
+are exact and the two decode paths crop identically:
+
+- ``decode=cpu``: workers decode with PIL, crop, resize and flip; batches leave them as uint8
+  [N, 3, S, S]. With ``lowfreq=cpu-lanczos`` (the official ET++ approximation) they also
+  Lanczos-resize to the stage size, which travels with every sample key.
+- ``decode=device``: workers read the file bytes and the JPEG header only (image size, for the
+  crop box) and send an :class:`engine.decode.EncodedBatch`; the training process decodes and
+  crops on its device (:class:`engine.decode.DeviceDecoder`). Non-JPEG and CMYK files take the
+  CPU path in the worker; images the device decoder refuses take it in the training process.
+
+Normalisation and the low-frequency crop to the stage size happen on the device (the task).
 """
 from __future__ import annotations
 
 import math
 import random
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from engine.data import SkippingImageDataset
+from engine.data import SkippingImageDataset, decode_rgb
+from engine.decode import EncodedSample, collate_encoded, jpeg_header
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DECODE_MODES = ("auto", "cpu", "device")
 
 
 def rrc_params(rng: random.Random, width: int, height: int, scale: Sequence[float],
@@ -48,25 +59,83 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+Key = Tuple[int, int, float, int]     # (dataset index, stream position, magnitude, stage size)
+
+
 class MAEPretrainDataset(SkippingImageDataset):
-    """Indexed by (dataset index, stream position, magnitude); returns (uint8 image, bad files skipped)."""
+    """Indexed by sample keys (dataset index, stream position, magnitude, stage size).
 
-    def __init__(self, files: Sequence[str], size: int, scale: Sequence[float] = (0.2, 1.0), seed: int = 0,
-                 stage_size: Optional[int] = None) -> None:
-        super().__init__(files)
-        self.size, self.scale, self.seed, self.stage_size = size, tuple(scale), seed, stage_size
+    ``decode='cpu'``: returns (uint8 image, files skipped); ``decode='device'``: returns an
+    :class:`engine.decode.EncodedSample`. Use :meth:`collate` for either.
+    """
 
-    def __getitem__(self, key: Tuple[int, int, float]) -> Tuple[torch.Tensor, int]:
-        idx, pos = key[0], key[1]   # MAE augmentation has no magnitude (key[2])
-        img, _, skipped = self.load(idx)
-        rng = random.Random(self.seed * 1_000_003 + pos)
-        top, left, h, w = rrc_params(rng, img.width, img.height, self.scale)
+    def __init__(self, source, size: int, scale: Sequence[float] = (0.2, 1.0), seed: int = 0,
+                 lanczos_to_stage: bool = False, decode: str = "cpu") -> None:
+        super().__init__(source)
+        if decode not in ("cpu", "device"):
+            raise ValueError(f"decode must be 'cpu' or 'device', got {decode!r}")
+        self.size, self.scale, self.seed = size, tuple(scale), seed
+        self.lanczos_to_stage, self.decode = lanczos_to_stage, decode
+
+    def augmentation(self, width: int, height: int, position: int) -> Tuple[Tuple[int, int, int, int], bool]:
+        """The crop box (top, left, h, w) and flip of the sample at ``position``."""
+        rng = random.Random(self.seed * 1_000_003 + position)
+        box = rrc_params(rng, width, height, self.scale)
+        return box, rng.random() < 0.5
+
+    def crop_resize_flip(self, img: Image.Image, position: int, stage_size: Optional[int] = None) -> torch.Tensor:
+        """The CPU path for a decoded image: PIL bicubic crop-resize, flip (and Lanczos to the stage size)."""
+        (top, left, h, w), flip = self.augmentation(img.width, img.height, position)
         img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
-        if rng.random() < 0.5:
+        if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.stage_size is not None and self.stage_size != self.size:
-            img = img.resize((self.stage_size, self.stage_size), Image.LANCZOS)
-        return to_uint8_tensor(img), skipped
+        if stage_size is not None and stage_size != self.size:
+            img = img.resize((stage_size, stage_size), Image.LANCZOS)
+        return to_uint8_tensor(img)
+
+    def cpu_item(self, idx: int, position: int, stage_size: Optional[int] = None,
+                 first_skip: int = 0) -> Tuple[torch.Tensor, int]:
+        """(uint8 [3, S, S], files skipped): the whole CPU path for one sample."""
+        img, _, skipped = self.load(idx, first_skip)
+        return self.crop_resize_flip(img, position, stage_size), skipped
+
+    def encoded_item(self, idx: int, position: int) -> EncodedSample:
+        """Bytes + crop for JPEGs the device decodes; the CPU path's result for anything else."""
+        n = len(self.source)
+        for skipped in range(self.max_skips + 1):
+            i = (idx + skipped) % n
+            try:
+                data = self.source.read(i)
+            except OSError as e:
+                self.warn_unreadable(i, e)
+                continue
+            header = jpeg_header(data)
+            if header is not None and header.device_decodable:
+                box, flip = self.augmentation(header.width, header.height, position)
+                return EncodedSample(np.frombuffer(data, dtype=np.uint8), box, flip, i, position, skipped)
+            try:
+                img = decode_rgb(data)
+            except Exception as e:  # unreadable: skip and count, as the CPU path
+                self.warn_unreadable(i, e)
+                continue
+            return EncodedSample(None, (0, 0, 0, 0), False, i, position, skipped,
+                                 image=self.crop_resize_flip(img, position))
+        raise self.give_up(idx)
+
+    def __getitem__(self, key: Key) -> Union[Tuple[torch.Tensor, int], EncodedSample]:
+        idx, pos, size = key[0], key[1], key[3]   # MAE augmentation has no magnitude (key[2])
+        if self.decode == "device":
+            return self.encoded_item(idx, pos)
+        return self.cpu_item(idx, pos, size if self.lanczos_to_stage else None)
+
+    def fallback(self, idx: int, position: int) -> Tuple[torch.Tensor, int]:
+        """The CPU path for a file the device decoder refused (see :class:`engine.decode.DeviceDecoder`)."""
+        return self.cpu_item(idx, position)
+
+    def collate(self, items: List) -> tuple:
+        if self.decode == "device":
+            return tuple(collate_encoded(items))
+        return collate(items)
 
 
 def collate(items: List[Tuple[torch.Tensor, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -75,17 +144,32 @@ def collate(items: List[Tuple[torch.Tensor, int]]) -> Tuple[torch.Tensor, torch.
     return imgs, bad
 
 
-def normalize(imgs: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 3, H, W] on any device -> float32 normalised with the ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
-    return (imgs.float() / 255.0 - mean) / std
+class Normalizer:
+    """ImageNet normalisation with its constants created once on the device (no host-to-device
+    copy per step). Takes pixel values in 0..255 (uint8 or float): normalising after the
+    low-frequency crop is exact, because the crop is linear and keeps constants, and it touches
+    a tensor up to 5x smaller."""
+
+    def __init__(self, device: Union[str, torch.device], mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale = (1.0 / (255.0 * s)).to(device)
+        self.shift = (m / s).to(device)
+        self.mean, self.std = m.to(device), s.to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """0..255 pixels [N, 3, H, W] -> float32 normalised."""
+        return x.float() * self.scale - self.shift
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised -> 0..1 (for pictures)."""
+        return (x * self.std + self.mean).clamp(0, 1)
 
 
-def center_crop_tensor(path: str, size: int) -> torch.Tensor:
-    """Deterministic view of an image for pictures: short side to ``size``, centre crop, uint8."""
-    with Image.open(path) as im:
-        img = im.convert("RGB")
+def center_crop_tensor(data: bytes, size: int) -> torch.Tensor:
+    """Deterministic view of an encoded image for pictures: short side to ``size``, centre crop, uint8."""
+    img = decode_rgb(data)
     s = size / min(img.width, img.height)
     img = img.resize((max(size, round(img.width * s)), max(size, round(img.height * s))), Image.BICUBIC)
     left, top = (img.width - size) // 2, (img.height - size) // 2

@@ -8,9 +8,10 @@ from typing import Dict, List, Optional
 import torch
 
 from efficienttrain.curriculum import Plan, get_curriculum
+from efficienttrain.replay import buffer_bytes
 from engine.checkpoint import atomic_save
 from engine.config import to_dict
-from engine.data import list_images
+from engine.data import open_image_source
 from engine.distributed import barrier, cleanup
 from engine.run import cli_main, start_run, write_run_files
 from engine.trainer import CurriculumTrainer
@@ -34,15 +35,23 @@ def export_encoder(checkpoint: Dict, path: str) -> str:
     return path
 
 
-def curriculum_table(plan: Plan, patch: int, base_lr: float, warmup_epochs: float, min_lr: float) -> str:
+def curriculum_table(plan: Plan, patch: int, base_lr: float, warmup_epochs: float, min_lr: float,
+                     world_size: int = 1) -> str:
+    """The plan as a table; replay stages show their buffer's memory per process (stage-size
+    float16 images, as the official replay stores them)."""
     lines = [f"{'stage':>5} {'size':>5} {'grid':>6} {'batch x acc':>12} {'replay':>6} {'data ep':>8} "
-             f"{'steps':>7} {'lr range':>21}"]
+             f"{'steps':>7} {'lr range':>21} {'buffer/proc':>11}"]
     for ps in plan.stages:
         lr0 = plan.lr(ps.start_step, base_lr, warmup_epochs, min_lr)
         lr1 = plan.lr(ps.end_step - 1, base_lr, warmup_epochs, min_lr)
         g = ps.stage.size // patch
+        buf = ""
+        if ps.stage.replay_times > 1:
+            mem = buffer_bytes(ps.stage.replay_buffer, ps.loader_batch_size // world_size, (3, ps.stage.size, ps.stage.size))
+            buf = f"{mem / 2 ** 30:.2f} GiB"
         lines.append(f"{ps.index:>5} {ps.stage.size:>5} {f'{g}x{g}':>6} {f'{ps.batch_size} x {ps.accum_steps}':>12} "
-                     f"{ps.stage.replay_times:>6} {ps.data_epochs:>8.2f} {ps.steps:>7} {f'{lr0:.2e}->{lr1:.2e}':>21}")
+                     f"{ps.stage.replay_times:>6} {ps.data_epochs:>8.2f} {ps.steps:>7} {f'{lr0:.2e}->{lr1:.2e}':>21} "
+                     f"{buf:>11}")
     lines.append(f"total: {plan.total_steps} optimizer steps, "
                  f"{sum(p.data_epochs for p in plan.stages):.2f} data epochs over {plan.dataset_size} images")
     return "\n".join(lines)
@@ -55,23 +64,27 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain") -> Dict:
             generate_demo_dataset(cfg.data.path, cfg.data.demo_images)   # no-op when it is already there
         barrier(dist)
         data_path = os.path.join(cfg.data.path, "train") if cfg.data.demo else cfg.data.path
-        files = list_images(data_path)
+        source = open_image_source(data_path)
         model = create_mae(cfg.model.arch, **cfg.model.overrides())
         cur = get_curriculum(cfg.curriculum.name, cfg.model.img_size, cfg.curriculum.multiple_of or cfg.model.patch)
-        plan = cur.plan(cfg.curriculum.epochs, len(files), cfg.train.batch_size, cfg.train.accum_steps)
+        plan = cur.plan(cfg.curriculum.epochs, len(source), cfg.train.batch_size, cfg.train.accum_steps)
         t = cfg.train
+        baseline = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs
+        from .task import MAETask
+
+        task = MAETask(cfg, source, dist)
         if dist.is_main:
-            baseline = write_run_files(cfg, cur, plan, run_dir)
+            write_run_files(cfg, cur, plan, run_dir)
             n_params = sum(p.numel() for p in model.parameters()) / 1e6
-            log(f"MAE {cfg.model.arch} ({n_params:.1f}M params, target {cfg.model.target}), {len(files)} images, "
+            log(f"MAE {cfg.model.arch} ({n_params:.1f}M params, target {cfg.model.target}), {source.describe()}, "
                 f"curriculum {cur.name} ({cur.budget} budget {cfg.curriculum.epochs:g}, "
                 f"{cur.speedup(cfg.curriculum.epochs, baseline):.2f}x less compute than {baseline:g} epochs at "
                 f"{cur.final_size}), "
-                f"{dist.world_size} process(es) on {dist.device}")
-            log(curriculum_table(plan, cfg.model.patch, t.base_lr(), t.warmup_epochs, t.min_lr))
-        from .task import MAETask
-
-        trainer = CurriculumTrainer(t, model, MAETask(cfg, files, dist), plan, dist, run_dir, to_dict(cfg), len(files))
+                f"{dist.world_size} process(es) on {dist.device}, decode on {task.decode}")
+            log(curriculum_table(plan, cfg.model.patch, t.base_lr(), t.warmup_epochs, t.min_lr,
+                                 dist.world_size))
+        trainer = CurriculumTrainer(t, model, task, plan, dist, run_dir, to_dict(cfg), len(source),
+                                    baseline_epochs=baseline)
         result = trainer.fit()
         if dist.is_main and result["step"] == plan.total_steps:
             path = export_encoder(trainer.state_dict(), os.path.join(run_dir, "encoder.pth"))

@@ -60,7 +60,7 @@ class MaskedAutoencoderViT(nn.Module):
         out_dim = self.hog.dim if self.hog is not None else patch_size ** 2 * in_chans
         self.decoder_pred = nn.Linear(decoder_embed_dim, out_dim, bias=True)
 
-        self._pos_cache: Dict[Tuple, torch.Tensor] = {}
+        self._grid_pos: Dict[Tuple[str, Tuple[int, int]], torch.Tensor] = {}
         self.initialize_weights()
 
     # ---- initialisation (as the official code) ----------------------------------------------
@@ -101,18 +101,30 @@ class MaskedAutoencoderViT(nn.Module):
                              f"curriculum sizes must be multiples of {p} (set multiple_of={p})")
         return H // p, W // p
 
-    def _pos_for(self, which: str, grid: Tuple[int, int]) -> torch.Tensor:
-        """Position table [1, 1 + gh*gw, D] for ``grid`` (the stored one at the final grid)."""
+    def _make_pos(self, which: str, grid: Tuple[int, int]) -> torch.Tensor:
         table = getattr(self, which)
-        if grid == self.final_grid:
-            return table
         if self.pos_embed_mode == "interpolate":
-            return resample_abs_pos_embed(table, list(grid), list(self.final_grid), num_prefix_tokens=1)
-        key = (which, grid, table.device, table.dtype)
-        if key not in self._pos_cache:
-            emb = sincos_pos_embed(table.shape[-1], grid, self.final_grid, self.pos_embed_mode)
-            self._pos_cache[key] = emb.to(device=table.device, dtype=table.dtype)
-        return self._pos_cache[key]
+            return resample_abs_pos_embed(table.detach(), list(grid), list(self.final_grid), num_prefix_tokens=1)
+        emb = sincos_pos_embed(table.shape[-1], grid, self.final_grid, self.pos_embed_mode)
+        return emb.to(device=table.device, dtype=table.dtype)
+
+    def prepare_input_size(self, size: int) -> None:
+        """Build the encoder and decoder position tables for ``size x size`` inputs, once, outside
+        ``forward`` (the training loop calls it at every stage start, after moving the model and
+        loading a checkpoint); ``forward`` then only looks them up."""
+        grid = (size // self.patch_size, size // self.patch_size)
+        self._grid_pos = {}
+        if grid != self.final_grid:
+            for which in ("pos_embed", "decoder_pos_embed"):
+                self._grid_pos[(which, grid)] = self._make_pos(which, grid)
+
+    def _pos_for(self, which: str, grid: Tuple[int, int]) -> torch.Tensor:
+        """Position table [1, 1 + gh*gw, D] for ``grid``: the stored one at the final grid, the one
+        :meth:`prepare_input_size` built, or (for a size nobody prepared, e.g. a picture) a fresh one."""
+        if grid == self.final_grid:
+            return getattr(self, which)
+        table = self._grid_pos.get((which, grid))
+        return table if table is not None else self._make_pos(which, grid)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [N, L, p*p*C] (row in patch, column in patch, channel), as the official code."""

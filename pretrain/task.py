@@ -2,33 +2,45 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
 
 from efficienttrain.curriculum import PlannedStage, StepInfo
 from efficienttrain.fourier import downsample, low_frequency_crop
+from engine.data import ImageSource
+from engine.decode import DeviceDecoder, EncodedBatch
 from engine.distributed import DistInfo
+from engine.trainer import Prepared, RunBatches
 
 from .config import PretrainConfig
-from .data import MAEPretrainDataset, center_crop_tensor, collate, normalize
+from .data import MAEPretrainDataset, Normalizer, center_crop_tensor
 from .models_mae import ARCHS, MaskedAutoencoderViT
 from .visualize import reconstruction_grid
 
 
 class MAETask:
-    def __init__(self, cfg: PretrainConfig, files: Sequence[str], dist: DistInfo, num_vis: int = 6) -> None:
-        self.cfg, self.files, self.dist = cfg, list(files), dist
-        self.replay_chunks = cfg.data.replay_chunks
+    replay_dtypes = (torch.float16,)          # the stage-size model input, as the official replay stores it
+
+    def __init__(self, cfg: PretrainConfig, source: ImageSource, dist: DistInfo, num_vis: int = 6) -> None:
+        self.cfg, self.source, self.dist = cfg, source, dist
+        d = cfg.data
+        self.replay_chunks = d.replay_chunks
+        self.decode = d.decode_on(dist.device)
+        self.dataset = MAEPretrainDataset(source, cfg.model.img_size, d.scale, seed=cfg.train.seed,
+                                          lanczos_to_stage=d.lowfreq == "cpu-lanczos", decode=self.decode)
+        self.decoder = (DeviceDecoder(cfg.model.img_size, dist.device, self.dataset.fallback)
+                        if self.decode == "device" else None)
+        self.normalize = Normalizer(dist.device)
         self.vis = self._vis_images(num_vis)
 
     def _vis_images(self, num: int) -> torch.Tensor:
         """The first ``num`` readable images, centre-cropped: the fixed rows of every reconstruction grid."""
         out = []
-        for f in self.files[: num * 4]:
+        for i in range(min(num * 4, len(self.source))):
             try:
-                out.append(center_crop_tensor(f, self.cfg.model.img_size))
+                out.append(center_crop_tensor(self.source.read(i), self.cfg.model.img_size))
             except Exception:  # unreadable files are reported by the data loader
                 continue
             if len(out) == num:
@@ -37,20 +49,21 @@ class MAETask:
             raise RuntimeError(f"none of the first {num * 4} images could be read; check data.path")
         return torch.stack(out)
 
-    def make_loader(self, ps: PlannedStage, batches) -> torch.utils.data.DataLoader:
+    def make_loader(self, batches: RunBatches) -> torch.utils.data.DataLoader:
         d = self.cfg.data
-        ds = MAEPretrainDataset(self.files, self.cfg.model.img_size, d.scale, seed=self.cfg.train.seed,
-                                stage_size=ps.stage.size if d.lowfreq == "cpu-lanczos" else None)
         # own generator: creating the loader must not consume the global RNG (masking noise), or a
         # resumed run would diverge from an uninterrupted one
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + ps.index)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919)
         return torch.utils.data.DataLoader(
-            ds, batch_sampler=batches, num_workers=d.num_workers, collate_fn=collate, generator=gen,
-            pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
+            self.dataset, batch_sampler=batches, num_workers=d.num_workers, collate_fn=self.dataset.collate,
+            generator=gen, pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if d.num_workers > 0 else None)
 
+    def on_stage_start(self, model: MaskedAutoencoderViT, ps: PlannedStage) -> None:
+        model.prepare_input_size(ps.stage.size)
+
     def stage_transform(self, x: torch.Tensor, size: int) -> torch.Tensor:
-        """Normalised final-size batch -> stage-size batch (on the device)."""
+        """Final-size batch -> stage-size batch (on the device; linear, so before or after normalising)."""
         lowfreq = self.cfg.data.lowfreq
         if x.shape[-1] == size:
             return x
@@ -60,16 +73,30 @@ class MAETask:
             return downsample(x, size, self.cfg.data.downsample_mode)
         raise RuntimeError(f"lowfreq={lowfreq}: the loader should already deliver {size}px images, got {x.shape[-1]}")
 
-    def loss(self, model: nn.Module, batch, info: StepInfo) -> torch.Tensor:
-        imgs = batch[0].to(self.dist.device, non_blocking=True)
-        x = self.stage_transform(normalize(imgs), info.size)
-        loss, _, _ = model(x, mask_ratio=self.cfg.model.mask_ratio)
+    def prepare(self, batch: Tuple[torch.Tensor, ...], info: StepInfo) -> Prepared:
+        """Decode (device path), low-frequency crop in 0..255 space, then normalise the smaller tensor."""
+        skipped = 0
+        if self.decoder is not None:
+            imgs, skipped = self.decoder(EncodedBatch(*batch, bad=None))
+        else:
+            imgs = batch[0].to(self.dist.device, non_blocking=True)
+        x = self.normalize(self.stage_transform(imgs.float(), info.size))
+        return Prepared((x,), skipped)
+
+    def loss(self, model: nn.Module, inputs: Tuple[torch.Tensor, ...], info: StepInfo) -> torch.Tensor:
+        loss, _, _ = model(inputs[0], mask_ratio=self.cfg.model.mask_ratio)
         return loss
 
+    def metrics(self) -> Dict[str, float]:
+        if self.decoder is None:
+            return {}
+        return {"decode_fallbacks": self.decoder.fallbacks, "decode_worker_images": self.decoder.worker_decoded}
+
     def on_stage_end(self, model: MaskedAutoencoderViT, ps: PlannedStage, run_dir: str) -> None:
-        x = normalize(self.vis.to(self.dist.device))
-        x = low_frequency_crop(x, ps.stage.size) if self.cfg.data.lowfreq == "fft" else (
-            downsample(x, ps.stage.size, self.cfg.data.downsample_mode) if x.shape[-1] != ps.stage.size else x)
+        x = self.vis.to(self.dist.device).float()
+        if self.cfg.data.lowfreq == "cpu-lanczos" and x.shape[-1] != ps.stage.size:
+            x = downsample(x, ps.stage.size, "bicubic")       # the pictures' stand-in for the workers' Lanczos
+        x = self.normalize(self.stage_transform(x, ps.stage.size))
         path = os.path.join(run_dir, "reconstructions", f"stage{ps.index:02d}_size{ps.stage.size}.png")
         reconstruction_grid(model, x, path, self.cfg.model.mask_ratio)
 

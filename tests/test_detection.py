@@ -81,6 +81,34 @@ def ckpts(mae, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def demo_encoder(tmp_path_factory):
+    """A checkpoint with the geometry of `bash tools/pretrain.sh` (configs/pretrain/demo.yaml),
+    which the detection demo configs load: full pretraining file and exported encoder."""
+    torch.manual_seed(0)
+    m = create_mae("mae_vit_tiny_patch16", img_size=48, patch_size=4, depth=4, decoder_depth=1)
+    meta = {"kind": "mae_pretrain", "patch_size": 4, "img_size": 48,
+            "model_kwargs": {"patch_size": 4, "embed_dim": 192, "depth": 4, "num_heads": 3, "img_size": 48}}
+    d = tmp_path_factory.mktemp("demo_encoder")
+    full = {"model": m.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "meta": meta, "step": 10}
+    torch.save(full, d / "checkpoint-latest.pth")
+    torch.save({"model": encoder_state_dict(m.state_dict())}, d / "mae_pretrain_vit_tiny.pth")   # official layout
+    return {"pretrain": str(d / "checkpoint-latest.pth"), "encoder": export_encoder(full, str(d / "encoder.pth")),
+            "official_encoder": str(d / "mae_pretrain_vit_tiny.pth")}
+
+
+def test_demo_configs_match_the_pretraining_demo():
+    """The detection demos load runs/demo/encoder.pth: their backbone must have its geometry."""
+    from engine.config import load_config
+    from pretrain.config import PretrainConfig
+
+    pre = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / "demo.yaml", [])
+    for name in ("retinanet", "cascade-mask-rcnn"):
+        b = Config.fromfile(str(CONFIGS / f"{name}_vit-tiny-mae_sfp_demo.py")).model.backbone
+        assert (b.img_size, b.patch_size, b.depth) == (pre.model.img_size, pre.model.patch, pre.model.depth), name
+        assert b.embed_dim == 192 and pre.model.arch == "mae_vit_tiny_patch16"
+
+
+@pytest.fixture(scope="module")
 def demo_coco(tmp_path_factory):
     gen = _load_tool("make_demo_coco")
     return gen.generate(str(tmp_path_factory.mktemp("data") / "demo_coco")) + "/"
@@ -471,13 +499,13 @@ def _scalars(work_dir):
     return rows
 
 
-def test_retinanet_demo_trains_evaluates_and_resumes(ckpts, demo_coco, tmp_path):
+def test_retinanet_demo_trains_evaluates_and_resumes(demo_encoder, demo_coco, tmp_path):
     train = _load_tool("det_train")
     cfg = str(CONFIGS / "retinanet_vit-tiny-mae_sfp_demo.py")
     wd = str(tmp_path / "retina")
     # "interrupted" run: one epoch of the two, then stopped
     first = train.run(train.parse_args([cfg, "--work-dir", wd, "--cfg-options",
-                                        *_opts(demo_coco, ckpts["encoder"], **{"train_cfg.max_epochs": 1})]))
+                                        *_opts(demo_coco, demo_encoder["encoder"], **{"train_cfg.max_epochs": 1})]))
     n = first["runner"].iter
     assert n >= 3 and first["runner"].epoch == 1
     ckpt = os.path.join(wd, "epoch_1.pth")
@@ -490,7 +518,7 @@ def test_retinanet_demo_trains_evaluates_and_resumes(ckpts, demo_coco, tmp_path)
     assert (meta["epoch"], meta["iter"]) == (1, n)
 
     second = train.run(train.parse_args([cfg, "--work-dir", wd, "--resume", "--cfg-options",
-                                         *_opts(demo_coco, ckpts["encoder"], **{"train_cfg.max_epochs": 2,
+                                         *_opts(demo_coco, demo_encoder["encoder"], **{"train_cfg.max_epochs": 2,
                                                                               "train_cfg.val_interval": 2})]))
     runner = second["runner"]
     assert (runner.epoch, runner.iter) == (2, 2 * n)
@@ -513,12 +541,12 @@ def test_retinanet_demo_trains_evaluates_and_resumes(ckpts, demo_coco, tmp_path)
     assert "bbox" in coco_table(metrics)
 
 
-def test_cascade_mask_rcnn_demo_trains_and_det_test_reproduces_its_metrics(ckpts, demo_coco, tmp_path):
+def test_cascade_mask_rcnn_demo_trains_and_det_test_reproduces_its_metrics(demo_encoder, demo_coco, tmp_path):
     train, test = _load_tool("det_train"), _load_tool("det_test")
     cfg = str(CONFIGS / "cascade-mask-rcnn_vit-tiny-mae_sfp_demo.py")
     wd = str(tmp_path / "cascade")
     out = train.run(train.parse_args([cfg, "--work-dir", wd, "--cfg-options",
-                                      *_opts(demo_coco, ckpts["pretrain"], **{"train_cfg.max_epochs": 1})]))
+                                      *_opts(demo_coco, demo_encoder["pretrain"], **{"train_cfg.max_epochs": 1})]))
     m = out["metrics"]
     for key in ("coco/bbox_mAP", "coco/segm_mAP", "coco/segm_mAP_50"):
         assert -1.0 <= m[key] <= 1.0
@@ -555,7 +583,7 @@ def test_checkpoint_allowlist_stays_narrow(tmp_path):
         torch.load(tmp_path / "sneaky.pth")
 
 
-def test_configs_run_and_resume_with_mmdets_own_train_script(ckpts, demo_coco, tmp_path):
+def test_configs_run_and_resume_with_mmdets_own_train_script(demo_encoder, demo_coco, tmp_path):
     """mmdet's tools/train.py imports the plug-in through custom_imports and, through the configs'
     runner_type, resumes with weights-only loading too. It does not re-apply data_root /
     pretrained, so the derived keys are given one by one (as detection/README.md says)."""
@@ -568,7 +596,7 @@ def test_configs_run_and_resume_with_mmdets_own_train_script(ckpts, demo_coco, t
                                          "test_dataloader.dataset.data_root")]
     keys += [f"{k}={demo_coco}annotations/instances_val2017.json" for k in ("val_evaluator.ann_file",
                                                                             "test_evaluator.ann_file")]
-    keys += [f"model.backbone.init_cfg.checkpoint={ckpts['official_encoder']}",
+    keys += [f"model.backbone.init_cfg.checkpoint={demo_encoder['official_encoder']}",
              "train_dataloader.dataset.indices=6", "val_dataloader.dataset.indices=4"]
     wd = tmp_path / "mmdet_script"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -14,7 +14,7 @@ from engine.checkpoint import load_checkpoint
 from engine.config import load_config
 from engine.distributed import DistInfo
 from engine.optim import param_groups_layer_decay, vit_layer_id
-from engine.trainer import StageBatches
+from engine.trainer import RunBatches
 from finetune.config import ClassifierConfig, FinetuneConfig
 from finetune.data import CurriculumTrainDataset, image_folder
 from finetune.main import run
@@ -127,17 +127,17 @@ def test_randaug_magnitude_reaches_the_transforms(data):
     plan = cur.plan(epochs=3, dataset_size=len(files), batch_size=4)
     seen = {}
     for ps in plan.stages:
-        for t, batch in enumerate(StageBatches(ps, 0, 0, len(files), 0, DistInfo())):
-            seen[ps.start_step + t] = {m for _, _, m in batch}
+        for t, batch in enumerate(RunBatches(plan, 0, len(files), 0, DistInfo()).stage_batches(ps)):
+            seen[ps.start_step + t] = {m for _, _, m, _ in batch}
     for step, ms in seen.items():
         assert len(ms) == 1 and ms.pop() == pytest.approx(plan.at(step).magnitude)
     assert plan.at(0).magnitude == 0.0 and plan.at(plan.total_steps - 1).magnitude > 8.5   # 0 -> 9
     ds = CurriculumTrainDataset(files, labels, 32, "rand-m9-mstd0-n2", seed=0)
-    low = ds[(0, 5, 0.0)][0]
+    low = ds[(0, 5, 0.0, 32)][0]
     assert all(op.magnitude == 0.0 for op in ds.randaug.ops)
-    high = ds[(0, 5, 9.0)][0]
+    high = ds[(0, 5, 9.0, 32)][0]
     assert all(op.magnitude == 9.0 for op in ds.randaug.ops)
-    assert torch.equal(ds[(0, 5, 9.0)][0], high)               # seeded by the stream position
+    assert torch.equal(ds[(0, 5, 9.0, 32)][0], high)               # seeded by the stream position
     assert not torch.equal(low, high)                          # the magnitude changes the image
 
 

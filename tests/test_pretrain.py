@@ -121,23 +121,27 @@ def test_bad_image_is_skipped_and_counted(images, tmp_path):
     assert read_metrics(tmp_path / "run")[-1]["bad_samples"] == res["bad_samples"]
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bad, extra", [
+    ("nan", ["train.save_every_steps=2"]),                        # logged every step: caught at once
+    ("inf", ["train.log_every=100", "train.save_every_steps=1"]),  # never logged: caught before the next save
+])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, monkeypatch, bad, extra):
     from pretrain.task import MAETask
 
     calls = {"n": 0}
     real = MAETask.loss
 
-    def flaky(self, model, batch, info):
+    def flaky(self, model, inputs, info):
         calls["n"] += 1
-        loss = real(self, model, batch, info)
-        return loss * float("nan") if calls["n"] == 5 else loss
+        loss = real(self, model, inputs, info)
+        return loss * float(bad) if calls["n"] == 5 else loss
 
     monkeypatch.setattr(MAETask, "loss", flaky)
     out = tmp_path / "run"
     from engine.trainer import NonFiniteLossError
 
-    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 4 .* last good checkpoint"):
-        run(cfg_for(*tiny_overrides(images, out, "train.save_every_steps=2")))
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss \({bad}\) at step 4 \(stage 1, input 16.* last good checkpoint"):
+        run(cfg_for(*tiny_overrides(images, out, *extra)))
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-0*.pth"))
     assert ckpts[-1] == "checkpoint-00000004.pth"            # nothing written for the failed step 5
     assert load_checkpoint(str(out / "checkpoints" / "checkpoint-latest.pth"))["step"] == 4
@@ -152,7 +156,7 @@ def test_config_errors_are_clear(tmp_path, capsys):
     assert main(["train.batch_size=big", "data.path=x"]) == 2
     assert "train.batch_size: expected an integer, got 'big'" in capsys.readouterr().err
     assert main([f"data.path={tmp_path}/missing"]) == 2
-    assert "neither a folder nor a .txt file" in capsys.readouterr().err
+    assert "is neither a folder, a .txt file listing images, nor tar shards" in capsys.readouterr().err
     bad = tmp_path / "c.yaml"
     bad.write_text("_base_: nope.yaml\n")
     assert main(["--config", str(bad)]) == 2

@@ -47,3 +47,29 @@ def test_benchmark_pretrain_runs_every_stage_size(tmp_path):
     res = json.loads(next(tmp_path.glob("pretrain_*.json")).read_text())
     assert [row["size"] for row in res["rows"]] == [16, 24, 32]
     assert all(row["train_images_per_s"] > 0 and 0 < row["crop_share"] for row in res["rows"])
+
+
+def test_benchmark_data_reports_both_paths(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        arr = rng.integers(0, 256, (60 + 7 * i, 80, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"{i}.jpg", quality=90)
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    r = tool("tools/benchmark_data.py", tmp_path, "--size", "32", "--images", "7", "--batch", "4", "--json",
+             "--archs", "mae_vit_tiny_patch16")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    cpu, dev = res["paths"]["cpu"], res["paths"]["device"]
+    assert cpu["worker_ms_per_image"] > 0 and dev["worker_ms_per_image"] > 0
+    assert res["worker_cost_ratio_cpu_over_device"] == cpu["worker_ms_per_image"] / dev["worker_ms_per_image"]
+    assert dev["training_process"]["worker_decoded"] >= 1          # the PNG took the CPU path in the worker
+    rows = res["cores_per_gpu"]
+    assert [row["size"] for row in rows] == [16, 32]              # etpp sizes at final 32, patch 16
+    for row in rows:
+        ips = res["mfu"] * res["peak_tflops"] * 1e12 / (row["train_gflop_per_image"] * 1e9)
+        assert row["gpu_images_per_s_estimate"] == ips
+        assert row["cores_per_gpu"]["cpu"] == ips * cpu["worker_ms_per_image"] / 1e3
+    r = tool("tools/benchmark_data.py", tmp_path / "missing")
+    assert r.returncode == 2 and "error:" in r.stderr

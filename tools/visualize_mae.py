@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from efficienttrain.fourier import low_frequency_crop  # noqa: E402
 from pretrain.checkpoints import load_mae  # noqa: E402
-from pretrain.data import center_crop_tensor, normalize  # noqa: E402
+from pretrain.data import Normalizer, center_crop_tensor  # noqa: E402
 from pretrain.visualize import reconstruction_grid  # noqa: E402
 
 
@@ -41,8 +41,15 @@ def main() -> int:
         print(f"error: --size {size} must be a multiple of the patch size {model.patch_size} and at most {final}",
               file=sys.stderr)
         return 2
-    imgs = normalize(torch.stack([center_crop_tensor(p, final) for p in args.images]))
-    imgs = low_frequency_crop(imgs, size)
+    crops = []
+    for p in args.images:
+        try:
+            with open(p, "rb") as f:
+                crops.append(center_crop_tensor(f.read(), final))
+        except OSError as e:
+            print(f"error: cannot read image {p}: {e}", file=sys.stderr)
+            return 2
+    imgs = Normalizer("cpu")(low_frequency_crop(torch.stack(crops).float(), size))
     print(reconstruction_grid(model, imgs, args.out, args.mask_ratio, args.seed))
     return 0
 

@@ -1,5 +1,5 @@
 # Tiny Cascade Mask R-CNN demo: the ViT-B Cascade Mask R-CNN config with the demo MAE ViT-tiny
-# (patch 8, width 192, 4 blocks, pretrained at 64 px by `bash tools/pretrain.sh`) and narrow heads,
+# (patch 4, width 192, 4 blocks, pretrained at 48 px by `bash tools/pretrain.sh`) and narrow heads,
 # on the synthetic COCO-format set of tools/make_demo_coco.py (96-128 px images, 3 classes, polygon
 # and crowd-RLE masks). Trains and evaluates boxes + masks on a 2-core CPU in about a minute:
 #   .venv/bin/python tools/det_train.py configs/detection/cascade-mask-rcnn_vit-tiny-mae_sfp_demo.py
@@ -13,11 +13,11 @@ width = 64                # pyramid / head channels
 
 cascade_stds = [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]]
 model = dict(
-    backbone=dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, drop_path_rate=0.0,
-                  window_size=4, global_attn_indexes=(1, 3), use_rel_pos=True, with_cp=False,
+    backbone=dict(img_size=48, patch_size=4, embed_dim=192, depth=4, num_heads=3, drop_path_rate=0.0,
+                  window_size=8, global_attn_indexes=(1, 3), use_rel_pos=True, with_cp=False,
                   init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
-    # the patch-8 map has stride 8: strides 4-32 come from scale factors 2, 1, 1/2, 1/4
-    neck=dict(in_channels=192, out_channels=width, backbone_stride=8),
+    # the patch-4 map has stride 4: strides 4-32 come from scale factors 1, 1/2, 1/4, 1/8
+    neck=dict(in_channels=192, out_channels=width, backbone_stride=4),
     rpn_head=dict(in_channels=width, feat_channels=width, anchor_generator=dict(scales=[4])),   # objects of 20-80 px
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=width),

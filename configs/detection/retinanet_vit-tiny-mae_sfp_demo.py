@@ -1,5 +1,5 @@
-# Tiny RetinaNet demo: the ViT-B RetinaNet config with the demo MAE ViT-tiny (patch 8, width 192,
-# 4 blocks, pretrained at 64 px by `bash tools/pretrain.sh`) and narrow heads, on the synthetic
+# Tiny RetinaNet demo: the ViT-B RetinaNet config with the demo MAE ViT-tiny (patch 4, width 192,
+# 4 blocks, pretrained at 48 px by `bash tools/pretrain.sh`) and narrow heads, on the synthetic
 # COCO-format set of tools/make_demo_coco.py (96-128 px images, 3 classes). Trains and evaluates
 # on a 2-core CPU in about a minute:
 #   .venv/bin/python tools/det_train.py configs/detection/retinanet_vit-tiny-mae_sfp_demo.py
@@ -11,11 +11,11 @@ pretrained = 'runs/demo/encoder.pth'
 classes = ('square', 'disc', 'triangle')
 
 model = dict(
-    backbone=dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, drop_path_rate=0.0,
-                  window_size=4, global_attn_indexes=(1, 3), use_rel_pos=True, with_cp=False,
+    backbone=dict(img_size=48, patch_size=4, embed_dim=192, depth=4, num_heads=3, drop_path_rate=0.0,
+                  window_size=8, global_attn_indexes=(1, 3), use_rel_pos=True, with_cp=False,
                   init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
-    # the patch-8 map has stride 8: the same strides 8-128 come from other scale factors
-    neck=dict(in_channels=192, out_channels=64, backbone_stride=8),
+    # the patch-4 map has stride 4: the same strides 8-128 come from other scale factors
+    neck=dict(in_channels=192, out_channels=64, backbone_stride=4),
     bbox_head=dict(num_classes=len(classes), in_channels=64, feat_channels=64, stacked_convs=2,
                    anchor_generator=dict(octave_base_scale=2)),   # objects of 20-80 px
     # keep every box (up to 100 an image): a model trained for a minute still gets a full AP table

@@ -1,0 +1,90 @@
+"""Measured wall-time saving of a run: what the curriculum really bought, next to what it planned.
+
+The trainer times every stage (its steps, data waits included; checkpoints, pictures and
+evaluations are timed apart as overhead). The baseline a curriculum is compared with trains
+``baseline_epochs`` epochs at the final size, so its time is estimated from the throughput this
+run measured in its final-size stages: ``baseline_epochs * dataset_size / final-size images/s``.
+The measured saving is that estimate over this run's step time; its ratio to the planned
+(compute) saving says how much of the plan the hardware delivered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class StageTiming:
+    """Wall time and samples of one stage (accumulated over resumed processes)."""
+
+    size: int
+    seconds: float = 0.0
+    images: int = 0          # samples through the model (replayed ones included)
+    steps: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class RunTiming:
+    stages: Dict[int, StageTiming] = field(default_factory=dict)
+    overhead_seconds: float = 0.0   # checkpoints, pictures, evaluations
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"stages": {str(k): vars(v).copy() for k, v in self.stages.items()},
+                "overhead_seconds": self.overhead_seconds}
+
+    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+        if not state:
+            return
+        self.stages = {int(k): StageTiming(**v) for k, v in state["stages"].items()}
+        self.overhead_seconds = float(state["overhead_seconds"])
+
+
+def measured_saving(timing: RunTiming, final_size: int, dataset_size: int, baseline_epochs: float,
+                    planned_speedup: float) -> Dict[str, Any]:
+    """Summary dict: per-stage images/s, step and overhead seconds, the estimated baseline time
+    and the measured saving (None when no final-size step ran, e.g. a run stopped early)."""
+    rows: List[Dict[str, Any]] = [
+        {"stage": k, "size": t.size, "steps": t.steps, "images": t.images, "seconds": t.seconds,
+         "images_per_s": t.images_per_s} for k, t in sorted(timing.stages.items())]
+    step_seconds = sum(t.seconds for t in timing.stages.values())
+    final = [t for t in timing.stages.values() if t.size == final_size and t.seconds > 0]
+    out: Dict[str, Any] = {"stages": rows, "step_seconds": step_seconds,
+                           "overhead_seconds": timing.overhead_seconds,
+                           "planned_speedup": planned_speedup, "baseline_epochs": baseline_epochs,
+                           "final_size_images_per_s": None, "baseline_seconds_estimate": None,
+                           "measured_speedup": None, "measured_over_planned": None}
+    if final and step_seconds > 0:
+        ips = sum(t.images for t in final) / sum(t.seconds for t in final)
+        base = baseline_epochs * dataset_size / ips
+        out.update(final_size_images_per_s=ips, baseline_seconds_estimate=base,
+                   measured_speedup=base / step_seconds,
+                   measured_over_planned=base / step_seconds / planned_speedup)
+    return out
+
+
+def format_saving(summary: Dict[str, Any]) -> str:
+    """The lines a run prints at its end."""
+    by_size: Dict[int, List[float]] = {}
+    for r in summary["stages"]:
+        if r["seconds"] > 0:
+            acc = by_size.setdefault(r["size"], [0.0, 0.0])
+            acc[0] += r["images"]
+            acc[1] += r["seconds"]
+    lines = ["throughput: " + ", ".join(f"{size}px {n / sec:.0f} img/s" for size, (n, sec) in by_size.items())
+             + " (per stage in summary.json)"]
+    if summary["measured_speedup"] is None:
+        lines.append(f"saving: planned {summary['planned_speedup']:.2f}x less compute; measured: not available "
+                     "(no final-size stage ran in this run)")
+    else:
+        lines.append(
+            f"saving: planned {summary['planned_speedup']:.2f}x less compute than {summary['baseline_epochs']:g} "
+            f"epochs at the final size; measured {summary['measured_speedup']:.2f}x less wall time "
+            f"({summary['measured_over_planned']:.0%} of planned): {summary['step_seconds']:.1f} s of steps vs "
+            f"{summary['baseline_seconds_estimate']:.1f} s for the baseline at this run's final-size "
+            f"{summary['final_size_images_per_s']:.0f} img/s (+{summary['overhead_seconds']:.1f} s checkpoints, "
+            "pictures, evaluation)")
+    return "\n".join(lines)
