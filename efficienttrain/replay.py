@@ -13,8 +13,7 @@ so a step never waits for the host (the host never reads the stored pixels).
 """
 from __future__ import annotations
 
-from collections import deque
-from typing import Deque, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,8 +27,42 @@ def buffer_bytes(capacity: int, loader_batch: int, sample_shape: Sequence[int], 
     return int(capacity) * int(loader_batch) * n * int(bytes_per_element)
 
 
+class _HostSlab:
+    """One host tensor of exactly the bytes asked for, page-locked with ``cudaHostRegister`` when
+    ``pin`` (PyTorch's pinned allocator rounds every block up to a power of two and caches freed
+    blocks: a 12.7 GiB buffer would take 16 GiB, and the next stage's buffer more on top)."""
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype, pin: bool) -> None:
+        self.tensor = torch.empty(tuple(shape), dtype=dtype)
+        self._pinned = False
+        if pin:
+            nbytes = self.tensor.numel() * self.tensor.element_size()
+            err = int(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0))
+            if err != 0:
+                raise RuntimeError(f"ReplayBuffer: page-locking {nbytes / 2 ** 30:.2f} GiB of host memory failed "
+                                   f"(cudaError {err}); lower replay_buffer or pass pin_memory=False")
+            self._pinned = True
+
+    def release(self) -> None:
+        """Unlock the memory once no copy can still be reading or writing it."""
+        if self._pinned:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self._pinned = False
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown: CUDA may already be gone
+            pass
+
+
 class ReplayBuffer:
     """FIFO store of loader-batch chunks on the CPU with seeded uniform replay.
+
+    Storage is a ring of ``capacity`` loader-batch slots per tensor, allocated at the first store
+    with the exact size a full buffer needs (:func:`buffer_bytes`); a new loader batch overwrites
+    the oldest slot once the ring is full.
 
     Args:
         capacity: loader batches kept; the oldest whole loader batch is evicted beyond it.
@@ -39,8 +72,8 @@ class ReplayBuffer:
         store_dtypes: per tensor passed to :meth:`step`, the dtype it is kept in on the CPU (for
             instance ``torch.uint8`` for images, ``torch.float16`` for float tensors); ``None``
             keeps the tensor's dtype. Replayed chunks come back in the fresh tensor's dtype.
-        pin_memory: keep chunks in pinned memory (default: when CUDA is available), so the copies
-            to and from the device run asynchronously.
+        pin_memory: page-lock the ring (default: when CUDA is available), so the copies to and
+            from the device run asynchronously.
         seed: seed of the draw; the same seed and inputs give the same batches.
     """
 
@@ -57,25 +90,44 @@ class ReplayBuffer:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
-        # One entry per loader batch: its list of chunks, each a tuple of tensors.
-        self._batches: Deque[List[Tuple[torch.Tensor, ...]]] = deque()
+        self._slabs: List[_HostSlab] = []      # per tensor: [capacity, loader batch, ...]
+        self._next = 0                          # slot the next loader batch goes to
+        self._count = 0                         # loader batches stored (<= capacity)
 
     def __len__(self) -> int:
         """Number of chunks currently stored."""
-        return sum(len(b) for b in self._batches)
+        return self._count * self.chunks_per_batch
 
     @property
     def num_batches(self) -> int:
-        return len(self._batches)
+        return self._count
 
     @property
     def nbytes(self) -> int:
         """Bytes held by stored chunks."""
-        return sum(t.numel() * t.element_size() for b in self._batches for chunk in b for t in chunk)
+        return sum(s.tensor[0].numel() * s.tensor.element_size() for s in self._slabs) * self._count
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Host memory the ring takes (a full buffer's worth from the first store on)."""
+        return sum(s.tensor.numel() * s.tensor.element_size() for s in self._slabs)
 
     def clear(self) -> None:
-        """Empty the buffer (at every stage change)."""
-        self._batches.clear()
+        """Empty the buffer and give its memory back (at every stage change)."""
+        for s in self._slabs:
+            s.release()
+        self._slabs, self._next, self._count = [], 0, 0
+
+    def _slot_of(self, b: int) -> int:
+        """Ring slot of the ``b``-th oldest stored loader batch."""
+        return (self._next - self._count + b) % self.capacity
+
+    def chunk(self, j: int, p: int) -> torch.Tensor:
+        """Tensor ``j`` of the ``p``-th stored chunk, oldest first."""
+        b, c = divmod(p, self.chunks_per_batch)
+        batch = self._slabs[j].tensor[self._slot_of(b)]
+        size = batch.shape[0] // self.chunks_per_batch
+        return batch[c * size:(c + 1) * size]
 
     def _store(self, tensors: Sequence[torch.Tensor]) -> None:
         n = tensors[0].shape[0]
@@ -86,16 +138,17 @@ class ReplayBuffer:
         dtypes = self.store_dtypes or (None,) * len(tensors)
         if len(dtypes) != len(tensors):
             raise ValueError(f"ReplayBuffer: store_dtypes has {len(dtypes)} entries but step() got {len(tensors)} tensors")
-        stored = []
-        for t, dt in zip(tensors, dtypes):
-            t = t.detach().to(dt or t.dtype)                     # convert on the tensor's device (less to copy)
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory)
-            host.copy_(t, non_blocking=self.pin_memory and t.device.type == "cuda")
-            stored.append(host)
-        chunks = list(zip(*(s.chunk(self.chunks_per_batch) for s in stored)))
-        self._batches.append(chunks)
-        while len(self._batches) > self.capacity:
-            self._batches.popleft()
+        if not self._slabs:
+            self._slabs = [_HostSlab((self.capacity, *t.shape), dt or t.dtype, self.pin_memory)
+                           for t, dt in zip(tensors, dtypes)]
+        for t, slab in zip(tensors, self._slabs):
+            if tuple(t.shape) != tuple(slab.tensor.shape[1:]):
+                raise ValueError(f"ReplayBuffer: a loader batch of shape {tuple(t.shape)} after batches of shape "
+                                 f"{tuple(slab.tensor.shape[1:])}; every loader batch of a stage has one shape")
+            t = t.detach().to(slab.tensor.dtype)                 # convert on the tensor's device (less to copy)
+            slab.tensor[self._next].copy_(t, non_blocking=self.pin_memory and t.device.type == "cuda")
+        self._next = (self._next + 1) % self.capacity
+        self._count = min(self._count + 1, self.capacity)
 
     def step(self, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Store a fresh loader batch and return it with ``(rt - 1) * chunks_per_batch`` replayed
@@ -108,15 +161,15 @@ class ReplayBuffer:
         self._store(tensors)
         if self.replay_times == 1:
             return tuple(tensors)
-        flat = [chunk for b in self._batches for chunk in b]
         k = (self.replay_times - 1) * self.chunks_per_batch
-        picks = torch.randint(len(flat), (k,), generator=self.generator).tolist()
+        picks = torch.randint(len(self), (k,), generator=self.generator).tolist()
         out = []
         for j, fresh in enumerate(tensors):
+            chunks = [self.chunk(j, p) for p in picks]
             if fresh.device.type == "cpu":
-                replayed = torch.cat([flat[i][j] for i in picks])
+                replayed = torch.cat(chunks)
             else:   # chunk by chunk: the host never reads memory a pending copy may still write
-                replayed = torch.cat([flat[i][j].to(fresh.device, non_blocking=self.pin_memory) for i in picks])
+                replayed = torch.cat([c.to(fresh.device, non_blocking=self.pin_memory) for c in chunks])
             out.append(torch.cat([fresh, replayed.to(fresh.dtype)]))
         return tuple(out)
 

@@ -136,12 +136,23 @@ def _decode_jpeg(datas: List[torch.Tensor], device: torch.device) -> List[torch.
     return out if isinstance(out, list) else [out]
 
 
+def _is_device_failure(err: BaseException) -> bool:
+    """Errors of the device or the process, never of one file: they must stop the run."""
+    return isinstance(err, (torch.OutOfMemoryError, torch.AcceleratorError))
+
+
 class DeviceDecoder:
     """Turns an :class:`EncodedBatch` into uint8 [N, 3, size, size] on ``device``.
 
     ``fallback(index, position)`` runs the CPU path for one sample (PIL decode of file ``index``,
     skipping onward if it is unreadable, with the crop seeded by ``position``) and returns
     ``(uint8 [3, size, size], files skipped)``; it is used for images the device decoder refuses.
+
+    On CUDA the decode runs under a side stream: torchvision allocates its outputs on the current
+    stream and decodes on nvJPEG's own stream, so on the training stream a new output could reuse
+    memory that queued kernels of the previous step still read. From the side stream's pool it
+    cannot; the training stream then waits for the side stream (torchvision returns only once its
+    decode is done, so the host waits for the decode itself, never for the queued training work).
     """
 
     def __init__(self, size: int, device: torch.device,
@@ -152,25 +163,61 @@ class DeviceDecoder:
         self.fallbacks = 0          # images the device decoder refused (decoded by PIL instead)
         self.worker_decoded = 0     # images the workers sent ready (not JPEG, CMYK, ...)
         self._warned = False
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def check(self) -> None:
+        """Decode a tiny JPEG on the device; raises ``RuntimeError`` saying why it cannot (e.g. a
+        torchvision built without nvJPEG), so a run fails or picks the CPU path at its start."""
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (120, 30, 200)).save(buf, "JPEG")
+        data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        try:
+            img = self._decode([data])[0]
+        except RuntimeError as e:
+            if _is_device_failure(e):
+                raise
+            raise RuntimeError(f"torchvision cannot decode JPEGs on {self.device}: {e}") from None
+        if tuple(img.shape) != (3, 16, 16):
+            raise RuntimeError(f"torchvision decoded a 16x16 test JPEG on {self.device} to shape {tuple(img.shape)}")
+
+    def _decode(self, datas: List[torch.Tensor]) -> List[torch.Tensor]:
+        if self._stream is None:
+            return _decode_jpeg(datas, self.device)
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._stream):
+            imgs = _decode_jpeg(datas, self.device)
+        main.wait_stream(self._stream)
+        for img in imgs:                       # the training stream uses them from here on
+            img.record_stream(main)
+        return imgs
 
     def _decode_all(self, datas: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
-        """Decode a list; if the batched call fails, find the culprits one by one."""
+        """Decode a list; if the batched call fails, find the culprits one by one. Out-of-memory
+        and device errors are raised, not taken for a bad file."""
         if not datas:
             return []
         try:
-            return list(_decode_jpeg(datas, self.device))
-        except RuntimeError:
-            out: List[Optional[torch.Tensor]] = []
-            for d in datas:
-                try:
-                    out.append(_decode_jpeg([d], self.device)[0])
-                except RuntimeError as e:
-                    if not self._warned:
-                        self._warned = True
-                        warnings.warn(f"device JPEG decode failed ({e}); decoding such images with PIL on "
-                                      "the CPU instead (counted as decode_fallbacks in the metrics)")
-                    out.append(None)
-            return out
+            return list(self._decode(datas))
+        except RuntimeError as e:
+            if _is_device_failure(e):
+                raise
+        out: List[Optional[torch.Tensor]] = []
+        for d in datas:
+            try:
+                out.append(self._decode([d])[0])
+            except RuntimeError as e:
+                if _is_device_failure(e):
+                    raise
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f"device JPEG decode failed ({e}); decoding such images with PIL on "
+                                  "the CPU instead (counted as decode_fallbacks in the metrics)")
+                out.append(None)
+        return out
 
     def __call__(self, batch: EncodedBatch) -> Tuple[torch.Tensor, int]:
         """(uint8 [N, 3, S, S] on the device, files skipped by fallbacks in this call)."""

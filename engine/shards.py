@@ -58,13 +58,16 @@ def expand_braces(pattern: str) -> List[str]:
 
 
 def is_shard_path(path: str) -> bool:
-    """A ``.tar`` path or pattern, or a folder holding ``.tar`` files and no images at its top level."""
+    """A ``.tar`` path or pattern, or a folder holding ``.tar`` files and neither images nor
+    subfolders (an ImageFolder tree with a stray archive in it stays an image folder)."""
     if path.lower().endswith(".tar"):
         return True
     if not os.path.isdir(path):
         return False
-    names = [n.lower() for n in os.listdir(path)]
-    return any(n.endswith(".tar") for n in names) and not any(n.endswith(IMAGE_EXTENSIONS) for n in names)
+    entries = list(os.scandir(path))
+    names = [e.name.lower() for e in entries]
+    return (any(n.endswith(".tar") for n in names) and not any(n.endswith(IMAGE_EXTENSIONS) for n in names)
+            and not any(e.is_dir() for e in entries))
 
 
 def _scan_tar(shard: str) -> Index:

@@ -20,6 +20,7 @@ the samples (and crops) the uninterrupted run would have seen, whatever the work
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -93,10 +94,11 @@ class Prepared(NamedTuple):
 class Task(Protocol):
     """What a job plugs into the loop."""
 
-    def make_loader(self, batches: "RunBatches") -> Iterable[Tuple[torch.Tensor, ...]]:
-        """One loader for the whole run: yield a batch per list of sample keys (dataset index,
-        stream position, magnitude, stage size); a tuple of CPU tensors whose last entry counts,
-        per sample, the unreadable files skipped to produce it."""
+    def make_loader(self, batches: Iterable[List["SampleKey"]]) -> Iterable[Tuple[torch.Tensor, ...]]:
+        """One loader for the whole run (``batches`` is a :class:`RunBatches`, or a list when a
+        resumed run refills its replay buffer): yield a batch per list of sample keys (dataset
+        index, stream position, magnitude, stage size); a tuple of CPU tensors whose last entry
+        counts, per sample, the unreadable files skipped to produce it."""
 
     def prepare(self, batch: Tuple[torch.Tensor, ...], info: StepInfo) -> Prepared:
         """Move a loader batch (without its skip counts) to the device and apply the stage
@@ -417,6 +419,8 @@ class CurriculumTrainer:
     def _start_stage(self, ps: PlannedStage) -> None:
         if hasattr(self.task, "on_stage_start"):
             self.task.on_stage_start(self.model, ps)
+        if self.replay is not None:
+            self.replay.clear()                  # its host memory goes back now, not at garbage collection
         self.replay = None
         if ps.stage.replay_times > 1:
             self.replay = ReplayBuffer(ps.stage.replay_buffer, ps.stage.replay_times, self.replay_chunks(ps),
@@ -424,10 +428,31 @@ class CurriculumTrainer:
                                        seed=self.cfg.seed * 7919 + ps.index * 31 + self.dist.rank)
             if self._resume_replay is not None:
                 self.replay.load_state_dict(self._resume_replay)
+                self._refill_replay(ps, self.step - ps.start_step)
         self._resume_replay = None
         self.timing.stages.setdefault(ps.index, StageTiming(ps.stage.size))
         self.log(f"stage {ps.index}: input {ps.stage.size}, batch {ps.batch_size} x accum {ps.accum_steps}, "
                  f"replay {ps.stage.replay_times}, steps {ps.start_step}-{ps.end_step}")
+
+    def _refill_replay(self, ps: PlannedStage, stage_step: int) -> None:
+        """Resuming inside a replay stage: prepare again the loader batches the buffer held when the
+        checkpoint was written (their samples and crops are seeded by stream position), so the
+        resumed run replays what the uninterrupted one would have. The global RNG is left as the
+        checkpoint restored it (tasks whose ``prepare`` draws random numbers, like random erasing,
+        get fresh draws for these samples)."""
+        micro_done = stage_step * ps.accum_steps
+        n = min(self.replay.capacity, micro_done)
+        if n == 0:
+            return
+        first = micro_done - n
+        keys = list(itertools.islice(RunBatches(self.plan, 0, self.n, self.cfg.seed, self.dist)
+                                     .stage_batches(ps, first // ps.accum_steps), first % ps.accum_steps, None))[:n]
+        info = self.plan.at(ps.start_step)
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for batch in self.task.make_loader(keys):
+                self.replay._store(self.task.prepare(batch[:-1], info).inputs)
+        self.log(f"replay buffer refilled with the {n} loader batch(es) it held before the checkpoint")
 
     def _train_step(self, it: Iterator, info: StepInfo) -> int:
         """One optimizer step; returns the samples the model processed (this rank). No host sync."""
@@ -504,10 +529,6 @@ class CurriculumTrainer:
                 evaluate = hasattr(self.task, "evaluate") and (
                     stage_end or self.step == stop or (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0))
                 save = stage_end or self.step == stop or bool(cfg.save_every_steps and self.step % cfg.save_every_steps == 0)
-                if stage_end or self.step == stop or evaluate or save:
-                    self._sync()                     # queued device work belongs to the steps, not the overhead
-                if stage_end or self.step == stop:
-                    st.seconds += time.perf_counter() - t_stage
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     self._last_loss = self._read_loss()
                     now = time.perf_counter()
@@ -526,8 +547,14 @@ class CurriculumTrainer:
                     t_log, imgs_since = now, 0
                 if progress is not None:
                     progress.update(1)
+                if not (stage_end or evaluate or save):
+                    continue
 
+                # checkpoints, pictures, evaluation: timed apart from the steps (and the step time
+                # so far is added to the stage first, so a checkpoint's timing is up to date)
+                self._sync()                     # queued device work belongs to the steps
                 t_over = time.perf_counter()
+                st.seconds += t_over - t_stage
                 if stage_end and self.dist.is_main:
                     self.task.on_stage_end(self.model, ps, self.run_dir)
                 improved = self._evaluate() if evaluate else False
@@ -537,10 +564,7 @@ class CurriculumTrainer:
                     self.save(best=True)
                 now = time.perf_counter()
                 self.timing.overhead_seconds += now - t_over
-                if not stage_end:
-                    t_stage += now - t_over          # stage time counts steps, not the overhead
-                else:
-                    t_stage = now
+                t_stage = now
                 t_log += now - t_over
             self.writer.wait()
         except BaseException:

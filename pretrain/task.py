@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Dict, Tuple
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn as nn
 
 from efficienttrain.curriculum import PlannedStage, StepInfo
 from efficienttrain.fourier import downsample, low_frequency_crop
-from engine.data import ImageSource
+from engine.data import DataError, ImageSource
 from engine.decode import DeviceDecoder, EncodedBatch
 from engine.distributed import DistInfo
 from engine.trainer import Prepared, RunBatches
@@ -30,8 +31,17 @@ class MAETask:
         self.decode = d.decode_on(dist.device)
         self.dataset = MAEPretrainDataset(source, cfg.model.img_size, d.scale, seed=cfg.train.seed,
                                           lanczos_to_stage=d.lowfreq == "cpu-lanczos", decode=self.decode)
-        self.decoder = (DeviceDecoder(cfg.model.img_size, dist.device, self.dataset.fallback)
-                        if self.decode == "device" else None)
+        self.decoder = None
+        if self.decode == "device":
+            self.decoder = DeviceDecoder(cfg.model.img_size, dist.device, self.dataset.fallback)
+            try:
+                self.decoder.check()
+            except RuntimeError as e:
+                if d.decode != "auto":
+                    raise DataError(f"data.decode=device: {e}; use data.decode=cpu") from None
+                warnings.warn(f"{e}; data.decode=auto decodes with PIL in the loader workers instead")
+                self.decode, self.decoder = "cpu", None
+                self.dataset.decode = "cpu"
         self.normalize = Normalizer(dist.device)
         self.vis = self._vis_images(num_vis)
 

@@ -203,6 +203,20 @@ def test_refused_image_falls_back_to_pil_for_that_image_only(mixed_folder, monke
     assert torch.equal(out, ref) and int(batch[-1].sum()) + skipped == int(ref_bad.sum()) == 1
 
 
+def test_device_errors_are_raised_not_taken_for_bad_files(mixed_folder, monkeypatch):
+    def oom(datas, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(decode_mod, "_decode_jpeg", oom)
+    ds = MAEPretrainDataset(mixed_folder[:2], 32, decode="device")
+    dec = DeviceDecoder(32, torch.device("cpu"), ds.fallback)
+    with pytest.raises(torch.OutOfMemoryError):
+        dec(EncodedBatch(*ds.collate([ds[(i, i, 0.0, 32)] for i in range(2)])))
+    assert dec.fallbacks == 0
+    with pytest.raises(torch.OutOfMemoryError):
+        dec.check()
+
+
 def test_worker_count_does_not_change_device_batches(mixed_folder):
     ds = MAEPretrainDataset(mixed_folder, 32, decode="device", seed=1)
     sampler = [[(i % len(mixed_folder), i, 0.0, 32) for i in range(b, b + 4)] for b in range(0, 24, 4)]

@@ -61,8 +61,8 @@ def test_eviction_drops_the_oldest_batch_first():
     buf = ReplayBuffer(capacity=2, replay_times=1, chunks_per_batch=2, pin_memory=False)
     for t in range(4):
         buf.step(*batch(t))
-    stored_tags = [int(b[0][1][0]) // 100 for b in buf._batches]
-    assert stored_tags == [2, 3]
+    stored_tags = [int(buf.chunk(1, p)[0]) // 100 for p in range(len(buf))]
+    assert stored_tags == [2, 2, 3, 3]                          # oldest first, two chunks each
 
 
 def test_same_seed_same_batches_and_state_round_trip():
@@ -92,7 +92,7 @@ def test_store_dtype_and_output_dtype():
     x = torch.randn(4, 3, 2, 2, dtype=torch.float32)
     y = torch.arange(4)
     out_x, out_y = buf.step(x, y)
-    assert buf._batches[0][0][0].dtype == torch.float16 and buf._batches[0][0][1].dtype == torch.int64
+    assert buf.chunk(0, 0).dtype == torch.float16 and buf.chunk(1, 0).dtype == torch.int64
     assert out_x.dtype == torch.float32 and out_x.shape[0] == 8
     # replayed samples are the fp16-rounded fresh ones
     for row, idx in zip(out_x[4:], out_y[4:]):
@@ -107,3 +107,19 @@ def test_errors():
         buf.step(*batch(0))
     with pytest.raises(ValueError, match="disagree on batch size"):
         buf.step(torch.zeros(32, 1), torch.zeros(31))
+
+
+def test_ring_takes_exactly_a_full_buffer_and_refuses_a_new_shape():
+    from efficienttrain.replay import buffer_bytes
+
+    buf = ReplayBuffer(capacity=3, replay_times=2, chunks_per_batch=2, store_dtypes=[torch.float16, None],
+                       pin_memory=False)
+    x = torch.randn(4, 3, 5, 5)
+    for t in range(5):
+        buf.step(x + t, torch.arange(4) + 10 * t)
+        assert buf.allocated_bytes == buffer_bytes(3, 4, (3, 5, 5), 2) + buffer_bytes(3, 4, (), 8)
+    assert buf.nbytes == buf.allocated_bytes                     # full: what buffer_bytes reports
+    with pytest.raises(ValueError, match=r"loader batch of shape \(4, 3, 6, 6\) after batches of shape \(4, 3, 5, 5\)"):
+        buf.step(torch.randn(4, 3, 6, 6), torch.arange(4))
+    buf.clear()
+    assert buf.allocated_bytes == 0 and len(buf) == 0

@@ -109,7 +109,10 @@ def test_paths_patterns_and_folder_open_the_same(src, tmp_path):
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "x.tar").write_bytes(b"")
     (tmp_path / "mixed" / "x.jpg").write_bytes(b"")
-    for p in [src, str(tmp_path / "list.txt"), str(tmp_path / "mixed"), str(tmp_path / "nowhere")]:
+    (tmp_path / "tree" / "cat").mkdir(parents=True)                   # ImageFolder root with a stray archive
+    (tmp_path / "tree" / "backup.tar").write_bytes(b"")
+    for p in [src, str(tmp_path / "list.txt"), str(tmp_path / "mixed"), str(tmp_path / "tree"),
+              str(tmp_path / "nowhere")]:
         assert not is_shard_path(p), p
 
 

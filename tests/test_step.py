@@ -143,7 +143,8 @@ def test_replay_keeps_stage_size_float16_inputs(images, tmp_path, monkeypatch):
 
     def spy(self, tensors):
         real(self, tensors)
-        stored.append([(c.dtype, tuple(c.shape)) for c in self._batches[-1][0]])
+        newest = len(self) - 1
+        stored.append([(self.chunk(j, newest).dtype, tuple(self.chunk(j, newest).shape)) for j in range(len(tensors))])
 
     monkeypatch.setattr(ReplayBuffer, "_store", spy)
     cur = tmp_path / "replay.yaml"
@@ -153,6 +154,24 @@ def test_replay_keeps_stage_size_float16_inputs(images, tmp_path, monkeypatch):
     run(cfg_for(*tiny_overrides(images, tmp_path / "run", f"curriculum.name={cur}")))
     # loader batch 8 / replay 2 = 4 samples, in 2 chunks of 2: float16 at the stage size 16
     assert stored and all(s == [(torch.float16, (2, 3, 16, 16))] for s in stored)
+
+
+def test_resume_inside_a_replay_stage_is_exact(images, tmp_path):
+    """The buffer is not in the checkpoint: a resumed run re-prepares the loader batches it held."""
+    cur = tmp_path / "replay.yaml"
+    cur.write_text("name: replay\nbudget: compute\nstages:\n"
+                   "  - {size: 16, share: 0.6, replay_times: 4, replay_buffer: 3}\n"
+                   "  - {size: 32, share: 0.4}\n")
+    ov = [f"curriculum.name={cur}", "curriculum.epochs=3"]
+    run(cfg_for(*tiny_overrides(images, tmp_path / "full", *ov)))
+    run(cfg_for(*tiny_overrides(images, tmp_path / "part", *ov, "train.max_steps=7", "train.save_every_steps=7")))
+    run(cfg_for(*tiny_overrides(images, tmp_path / "part", *ov)))
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    plan = json.load(open(tmp_path / "full" / "plan.json"))["rows"]
+    assert plan[0]["steps"] > 10                                   # step 7 is inside the replay stage
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-7), ra["step"]
 
 
 def test_run_reports_measured_against_planned_saving(images, tmp_path, capsys):
@@ -189,6 +208,19 @@ def test_device_decode_run_resumes_exactly_and_matches_the_cpu_path(jpegs, tmp_p
     # the CPU path sees the same crops (pixels within one level): the losses agree closely
     cpu = run(cfg_for(*tiny_overrides(jpegs, tmp_path / "cpu", "data.decode=cpu")))
     assert cpu["loss"] == pytest.approx(full["loss"], rel=2e-3)
+
+
+def test_a_device_that_cannot_decode_stops_an_explicit_device_run(jpegs, tmp_path, monkeypatch, capsys):
+    from engine import decode as decode_mod
+    from pretrain.main import main
+
+    def no_nvjpeg(datas, device):
+        raise RuntimeError("torchvision not compiled with nvJPEG support")
+
+    monkeypatch.setattr(decode_mod, "_decode_jpeg", no_nvjpeg)
+    assert main(tiny_overrides(jpegs, tmp_path / "run", "data.decode=device")) == 2
+    assert ("data.decode=device: torchvision cannot decode JPEGs on cpu: torchvision not compiled with nvJPEG "
+            "support; use data.decode=cpu") in capsys.readouterr().err
 
 
 def test_pretraining_from_tar_shards_equals_the_folder(jpegs, tmp_path):

@@ -6,7 +6,7 @@ For each path (``cpu``: PIL decode + RandomResizedCrop + flip in the worker; ``d
 reads the bytes and the JPEG header, the training process decodes and crops on its device):
 
 - worker ms per image: CPU time of one worker on one core (the dataset items and the collate,
-  run in this process with one thread, over the same images, page cache warm);
+  run in this process with one thread, over the same images, page cache warm; median of 3 passes);
 - training-process ms per image: for ``cpu`` the host-to-device copy of the uint8 batch, for
   ``device`` the decode and the batched crop-resize (synchronised wall time on the device);
 - cores per GPU: model images/s x worker ms / 1000, where images/s comes from the MAE model's
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Dict, List
@@ -43,14 +44,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def worker_ms(ds: MAEPretrainDataset, keys: List, batch: int) -> float:
-    """CPU ms per image of the worker's share: items + collate, one thread."""
-    for k in keys[:batch]:          # warm the page cache and the decoders
+def worker_ms(ds: MAEPretrainDataset, keys: List, batch: int, repeats: int = 3) -> float:
+    """CPU ms per image of the worker's share: items + collate, one thread (median of ``repeats``
+    passes over ``keys``, after a warm-up pass that fills the page cache)."""
+    for k in keys:
         ds[k]
-    t0 = time.process_time()
-    for i in range(0, len(keys), batch):
-        ds.collate([ds[k] for k in keys[i:i + batch]])
-    return (time.process_time() - t0) * 1e3 / len(keys)
+    passes = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        for i in range(0, len(keys), batch):
+            ds.collate([ds[k] for k in keys[i:i + batch]])
+        passes.append((time.process_time() - t0) * 1e3 / len(keys))
+    return statistics.median(passes)
 
 
 def training_ms(ds: MAEPretrainDataset, keys: List, batch: int, device: torch.device) -> Dict[str, float]:
