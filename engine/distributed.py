@@ -46,10 +46,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum of a tensor over ranks (the tensor itself when not distributed)."""
+def all_reduce_sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks in place (nothing when not distributed). Pass a tensor that Python
+    keeps alive (e.g. an attribute): gloo's worker thread then never has to take the GIL to free
+    it, which can deadlock with a process group being destroyed (see :func:`cleanup`)."""
     if info.enabled:
-        t = t.clone()
         dist.all_reduce(t)
     return t
 
@@ -60,5 +61,10 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Tear the process group down once every rank got here. The barrier (which waits with the
+    GIL released) lets gloo's worker threads finish freeing earlier work first: destroying a
+    process group joins those threads while holding the GIL, and a thread still freeing a
+    Python-owned tensor would wait for the GIL forever. Release DDP wrappers before this."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

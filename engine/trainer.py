@@ -38,7 +38,7 @@ from efficienttrain.replay import ReplayBuffer
 
 from .checkpoint import CheckpointWriter, atomic_save, atomic_write_json, find_latest, load_checkpoint, save_checkpoint
 from .config import ConfigError
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import DistInfo, all_reduce_sum_
 from .optim import no_weight_decay
 from .speed import RunTiming, StageTiming, format_saving, measured_saving
 
@@ -368,6 +368,7 @@ class CurriculumTrainer:
         self._loss_steps = 0
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=dev)   # first non-finite step
         self._bad_value = torch.zeros((), dtype=torch.float32, device=dev)      # and its loss
+        self._stats = torch.zeros(3, dtype=torch.float64, device=dev)           # reduced in place, kept alive
         self._checked_step = self.step
 
     def _record_loss(self, loss: torch.Tensor) -> None:
@@ -380,11 +381,11 @@ class CurriculumTrainer:
     def _read_loss(self, reset: bool = True) -> float:
         """Mean loss since the last reset, averaged over ranks (one host sync); raises on a
         non-finite loss on any rank. Every rank calls it at the same steps (log steps, saves)."""
-        dev = self.dist.device
-        stats = torch.stack([self._loss_sum, torch.tensor(float(self._loss_steps), dtype=torch.float64, device=dev),
-                             (self._first_bad >= 0).double()])
+        self._stats[0] = self._loss_sum
+        self._stats[1] = float(self._loss_steps)
+        self._stats[2] = (self._first_bad >= 0).double()
         local_bad = int(self._first_bad.item())
-        stats = all_reduce_sum(stats, self.dist).tolist()
+        stats = all_reduce_sum_(self._stats, self.dist).tolist()
         if stats[2] > 0:
             if local_bad >= 0:
                 at = self.plan.at(local_bad)
@@ -574,12 +575,19 @@ class CurriculumTrainer:
             if progress is not None:
                 progress.close()
             self._close_logs()
+            self._release_ddp()
         summary = self.speed_summary()
         if self.dist.is_main and self.step > 0:
             self.log(format_saving(summary))
             atomic_write_json(summary, os.path.join(self.run_dir, "summary.json"))
         return {"step": self.step, "total_steps": total, "loss": self._last_loss, "bad_samples": self.bad_samples,
                 "best": self.best, "eval": self.last_eval, "speed": summary}
+
+    def _release_ddp(self) -> None:
+        """Drop the DDP wrapper (and its reducer's hold on the process group) while the process
+        group is still registered, so that tearing the group down later is the last release
+        (see engine.distributed.cleanup). The module itself stays for exports and evaluation."""
+        self.ddp = self.forward_model = self.model
 
     def _finish_writes(self) -> None:
         """On the way out of a failed run: let a pending (good) checkpoint reach the disk; a write
