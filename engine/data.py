@@ -1,5 +1,6 @@
-"""Image data for any job: where the bytes come from (files, a file list or tar shards), and
-loading that skips unreadable images.
+"""Image data for any job: where the bytes come from (files, a file list or tar shards), loading
+that skips unreadable images, labelled ImageFolder trees with the standard evaluation transform,
+and the ImageNet normalisation every job applies on its device.
 
 An :class:`ImageSource` is an indexed collection of encoded images: ``len(source)``,
 ``source.read(i)`` (the file's bytes) and ``source.name(i)`` (for messages). Datasets index it by
@@ -10,12 +11,15 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import List, Protocol, Sequence, Tuple, runtime_checkable
+from typing import List, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 from PIL import Image
+from torchvision import transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DataError(ValueError):
@@ -126,3 +130,63 @@ class SkippingImageDataset(torch.utils.data.Dataset):
             except Exception as e:  # unreadable or corrupt: skip it, count it, warn once
                 self.warn_unreadable(i, e)
         raise self.give_up(idx)
+
+
+def image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
+    """(files, labels, class names) of an ImageFolder tree ``root/<class>/<images>``."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root!r} is not a folder (expected ImageFolder layout: {root}/<class>/<images>)")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        for dirpath, dirnames, names in os.walk(os.path.join(root, c), followlinks=True):
+            dirnames.sort()
+            for n in sorted(names):
+                if n.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.join(dirpath, n))
+                    labels.append(label)
+    if not files:
+        raise FileNotFoundError(f"no images found under {root!r} (expected {root}/<class>/<images>)")
+    return files, labels, classes
+
+
+def eval_transform(size: int, crop_pct: float) -> transforms.Compose:
+    """Resize the short side to size / crop_pct (bicubic), centre crop ``size``, normalise."""
+    return transforms.Compose([
+        transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class EvalDataset(SkippingImageDataset):
+    """Labelled images through a fixed transform (evaluation, feature extraction)."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], transform) -> None:
+        super().__init__(files)
+        self.labels, self.transform = list(labels), transform
+
+    def __getitem__(self, idx: int):
+        img, used, _ = self.load(idx)
+        return self.transform(img), self.labels[used]
+
+
+class Normalizer:
+    """ImageNet normalisation with its constants created once on the device (no host-to-device
+    copy per step). Takes pixel values in 0..255 (uint8 or float): normalising after the
+    low-frequency crop is exact, because the crop is linear and keeps constants, and it touches
+    a tensor up to 5x smaller."""
+
+    def __init__(self, device: Union[str, torch.device], mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale = (1.0 / (255.0 * s)).to(device)
+        self.shift = (m / s).to(device)
+        self.mean, self.std = m.to(device), s.to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """0..255 pixels [N, 3, H, W] -> float32 normalised."""
+        return x.float() * self.scale - self.shift
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised -> 0..1 (for pictures)."""
+        return (x * self.std + self.mean).clamp(0, 1)

@@ -42,7 +42,8 @@ def write_run_files(cfg: Any, cur: Curriculum, plan: Plan, run_dir: str) -> floa
     baseline = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs
     plot_curriculum(cur, os.path.join(run_dir, "curriculum.png"), cfg.curriculum.epochs, baseline)
     with open(os.path.join(run_dir, "plan.json"), "w") as f:
-        json.dump({"curriculum": cur.to_dict(), "budget_epochs": plan.epochs, "rows": plan.rows()}, f, indent=2)
+        json.dump({"curriculum": cur.to_dict(), "budget_epochs": plan.epochs, "dataset_size": plan.dataset_size,
+                   "rows": plan.rows()}, f, indent=2)
     return baseline
 
 

@@ -32,6 +32,11 @@ class RunTiming:
     stages: Dict[int, StageTiming] = field(default_factory=dict)
     overhead_seconds: float = 0.0   # checkpoints, pictures, evaluations
 
+    @property
+    def total_seconds(self) -> float:
+        """Wall time of the run so far: its steps and its checkpoints, pictures and evaluations."""
+        return sum(t.seconds for t in self.stages.values()) + self.overhead_seconds
+
     def state_dict(self) -> Dict[str, Any]:
         return {"stages": {str(k): vars(v).copy() for k, v in self.stages.items()},
                 "overhead_seconds": self.overhead_seconds}

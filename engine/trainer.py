@@ -40,6 +40,7 @@ from .checkpoint import CheckpointWriter, atomic_save, atomic_write_json, find_l
 from .config import ConfigError
 from .distributed import DistInfo, all_reduce_sum_
 from .optim import no_weight_decay
+from .plots import plot_eval_curve
 from .speed import RunTiming, StageTiming, format_saving, measured_saving
 
 
@@ -263,6 +264,7 @@ class CurriculumTrainer:
             "samples_seen": self.position_at(self.step),
             "bad_samples": self.bad_samples,
             "best": self.best,
+            "last_eval": dict(self.last_eval),      # a resumed (or rerun finished) run keeps its results
             "timing": self.timing.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -282,6 +284,7 @@ class CurriculumTrainer:
         self.step = int(state["step"])
         self.bad_samples = int(state.get("bad_samples", 0))
         self.best = state.get("best")
+        self.last_eval = dict(state.get("last_eval") or {})
         self.timing.load_state_dict(state.get("timing"))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -492,6 +495,7 @@ class CurriculumTrainer:
         os.makedirs(self.run_dir, exist_ok=True)
         self._resume_replay = None
         self.maybe_resume()
+        first_step = self.step
         self._open_logs()
         self._reset_loss()
         self._last_loss = float("nan")
@@ -527,7 +531,7 @@ class CurriculumTrainer:
                 self.step += 1
 
                 stage_end = self.step == ps.end_step
-                evaluate = hasattr(self.task, "evaluate") and (
+                evaluate = getattr(self.task, "evaluate", None) is not None and (
                     stage_end or self.step == stop or (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0))
                 save = stage_end or self.step == stop or bool(cfg.save_every_steps and self.step % cfg.save_every_steps == 0)
                 if self.step % cfg.log_every == 0 or self.step == stop:
@@ -543,8 +547,10 @@ class CurriculumTrainer:
                             rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2 ** 30
                         self._write_metrics(rec)
                         if progress is not None:
+                            shown = {k: f"{v:.1f}" for k, v in self.eval_record().items() if k.endswith("top1")}
                             progress.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{lr:.2e}", size=info.size,
-                                                 img_s=f"{rec['images_per_s']:.0f}", eta=self._eta(now), refresh=False)
+                                                 img_s=f"{rec['images_per_s']:.0f}", eta=self._eta(now), **shown,
+                                                 refresh=False)
                     t_log, imgs_since = now, 0
                 if progress is not None:
                     progress.update(1)
@@ -576,10 +582,14 @@ class CurriculumTrainer:
                 progress.close()
             self._close_logs()
             self._release_ddp()
-        summary = self.speed_summary()
-        if self.dist.is_main and self.step > 0:
+        summary = {**self.speed_summary(), "eval": self.eval_record(), "best": self.best}
+        summary_path = os.path.join(self.run_dir, "summary.json")
+        # a finished run started again trains nothing: its summary stays as written
+        if self.dist.is_main and self.step > 0 and (self.step > first_step or not os.path.isfile(summary_path)):
             self.log(format_saving(summary))
-            atomic_write_json(summary, os.path.join(self.run_dir, "summary.json"))
+            if summary["eval"]:
+                self.log("last evaluation: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["eval"].items()))
+            atomic_write_json(summary, summary_path)
         return {"step": self.step, "total_steps": total, "loss": self._last_loss, "bad_samples": self.bad_samples,
                 "best": self.best, "eval": self.last_eval, "speed": summary}
 
@@ -602,18 +612,31 @@ class CurriculumTrainer:
         return measured_saving(self.timing, cur.final_size, self.n, self.baseline_epochs,
                                cur.speedup(self.plan.epochs, self.baseline_epochs))
 
+    def eval_record(self) -> Dict[str, float]:
+        """The last evaluation under its logged names (``eval_top1``, ``knn_top1``, ...)."""
+        prefix = getattr(self.task, "eval_prefix", "eval_")
+        return {f"{prefix}{k}": v for k, v in self.last_eval.items()}
+
     def _evaluate(self) -> bool:
-        """Run the task's evaluation (every rank), log it, and say whether it is the best so far."""
-        metrics = self.task.evaluate(self.model)
+        """Run the task's evaluation (every rank), log and plot it, and say whether it is the best
+        so far. The RNG is restored afterwards: evaluating never changes the training trajectory."""
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            metrics = self.task.evaluate(self.model)
         self.last_eval = metrics
         key = getattr(self.task, "best_metric", None)
         improved = key is not None and (self.best is None or metrics[key] > self.best)
         if improved:
             self.best = metrics[key]
-        if self.dist.is_main:
-            self._write_metrics({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        if self.dist.is_main and metrics:
+            rec = self.eval_record()
+            self._write_metrics({"step": self.step, **rec, "budget": self.plan.budget_fraction(self.step),
+                                 "wall_s": self.timing.total_seconds})
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in rec.items())
             self.log(f"eval at step {self.step}: {shown}" + (" (best)" if improved else ""))
+            first = next(iter(rec))
+            plot_eval_curve(os.path.join(self.run_dir, "metrics.jsonl"), first,
+                            os.path.join(self.run_dir, f"{first}.png"))
         return improved
 
     def _eta(self, now: float) -> str:

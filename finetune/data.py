@@ -1,10 +1,10 @@
-"""Classification data: ImageFolder datasets, position-seeded training augmentation whose RandAug
-magnitude comes from the curriculum with every sample, and the standard evaluation transform."""
+"""Classification training data: position-seeded augmentation whose RandAug magnitude comes from
+the curriculum with every sample (ImageFolder listing and the evaluation transform live in
+engine.data)."""
 from __future__ import annotations
 
-import os
 import random
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -12,26 +12,7 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
-from engine.data import IMAGE_EXTENSIONS, SkippingImageDataset
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
-
-
-def image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
-    """(files, labels, class names) of an ImageFolder tree ``root/<class>/<images>``."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root!r} is not a folder (expected ImageFolder layout: {root}/<class>/<images>)")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    files, labels = [], []
-    for label, c in enumerate(classes):
-        for dirpath, dirnames, names in os.walk(os.path.join(root, c), followlinks=True):
-            dirnames.sort()
-            for n in sorted(names):
-                if n.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.join(dirpath, n))
-                    labels.append(label)
-    if not files:
-        raise FileNotFoundError(f"no images found under {root!r} (expected {root}/<class>/<images>)")
-    return files, labels, classes
+from engine.data import IMAGENET_MEAN, SkippingImageDataset
 
 
 class CurriculumTrainDataset(SkippingImageDataset):
@@ -78,20 +59,3 @@ class CurriculumTrainDataset(SkippingImageDataset):
 def collate_train(items) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (torch.stack([i[0] for i in items]), torch.tensor([i[1] for i in items], dtype=torch.int64),
             torch.tensor([i[2] for i in items], dtype=torch.int64))
-
-
-def eval_transform(size: int, crop_pct: float) -> transforms.Compose:
-    """Resize the short side to size / crop_pct (bicubic), centre crop ``size``, normalise."""
-    return transforms.Compose([
-        transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-class EvalDataset(SkippingImageDataset):
-    def __init__(self, files: Sequence[str], labels: Sequence[int], transform) -> None:
-        super().__init__(files)
-        self.labels, self.transform = list(labels), transform
-
-    def __getitem__(self, idx: int):
-        img, used, _ = self.load(idx)
-        return self.transform(img), self.labels[used]

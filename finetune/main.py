@@ -17,7 +17,7 @@ from engine.run import cli_main, start_run, write_run_files
 from engine.trainer import CurriculumTrainer
 
 from .config import FinetuneConfig
-from .data import EvalDataset, eval_transform, image_folder
+from engine.data import EvalDataset, eval_transform, image_folder
 from .models import classifier_depth, create_classifier, init_head, load_pretrained, make_linear_probe
 from .task import ClassificationTask, evaluate
 

@@ -13,12 +13,12 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from efficienttrain.curriculum import PlannedStage, StepInfo
 from efficienttrain.fourier import downsample, low_frequency_crop
+from engine.data import EvalDataset, Normalizer, eval_transform
 from engine.distributed import DistInfo
 from engine.trainer import Prepared, RunBatches
-from pretrain.data import Normalizer
 
 from .config import FinetuneConfig
-from .data import CurriculumTrainDataset, EvalDataset, collate_train, eval_transform
+from .data import CurriculumTrainDataset, collate_train
 from .models import check_resizable
 
 

@@ -6,6 +6,7 @@ from typing import List, Literal, Optional
 
 from engine.config import ConfigError
 from engine.trainer import TrainConfig
+from evaluation.knn import KNNConfig
 
 from .data import DECODE_MODES
 from .models_mae import ARCHS, TARGETS
@@ -92,8 +93,14 @@ class CurriculumConfig:
 
 
 @dataclass
+class EvalConfig:
+    knn: KNNConfig = field(default_factory=KNNConfig)   # kNN monitor: stage ends and every train.eval_every_steps
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

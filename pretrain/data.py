@@ -28,8 +28,6 @@ from PIL import Image
 from engine.data import SkippingImageDataset, decode_rgb
 from engine.decode import EncodedSample, collate_encoded, jpeg_header
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DECODE_MODES = ("auto", "cpu", "device")
 
 
@@ -142,29 +140,6 @@ def collate(items: List[Tuple[torch.Tensor, int]]) -> Tuple[torch.Tensor, torch.
     imgs = torch.stack([it[0] for it in items])
     bad = torch.tensor([it[1] for it in items], dtype=torch.int64)
     return imgs, bad
-
-
-class Normalizer:
-    """ImageNet normalisation with its constants created once on the device (no host-to-device
-    copy per step). Takes pixel values in 0..255 (uint8 or float): normalising after the
-    low-frequency crop is exact, because the crop is linear and keeps constants, and it touches
-    a tensor up to 5x smaller."""
-
-    def __init__(self, device: Union[str, torch.device], mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
-        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.scale = (1.0 / (255.0 * s)).to(device)
-        self.shift = (m / s).to(device)
-        self.mean, self.std = m.to(device), s.to(device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """0..255 pixels [N, 3, H, W] -> float32 normalised."""
-        return x.float() * self.scale - self.shift
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised -> 0..1 (for pictures)."""
-        return (x * self.std + self.mean).clamp(0, 1)
 
 
 def center_crop_tensor(data: bytes, size: int) -> torch.Tensor:

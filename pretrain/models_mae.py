@@ -174,6 +174,21 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
+    def forward_features(self, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+        """Encoder features of whole (unmasked) images [N, D]: the normed cls token (``cls``, what
+        MAE's linear probe uses) or the mean of the normed patch tokens (``avgpool``). Draws no
+        random numbers (no masking), so evaluating never changes a training run."""
+        if pool not in ("cls", "avgpool"):
+            raise ValueError(f"pool must be 'cls' or 'avgpool', got {pool!r}")
+        pos = self._pos_for("pos_embed", self.grid_for(imgs))
+        x = self.patch_embed(imgs) + pos[:, 1:, :]
+        cls = (self.cls_token + pos[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)
+
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         x = self.decoder_embed(x)
         n_mask = ids_restore.shape[1] + 1 - x.shape[1]

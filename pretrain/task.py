@@ -10,19 +10,24 @@ import torch.nn as nn
 
 from efficienttrain.curriculum import PlannedStage, StepInfo
 from efficienttrain.fourier import downsample, low_frequency_crop
-from engine.data import DataError, ImageSource
+from engine.data import DataError, ImageSource, Normalizer
 from engine.decode import DeviceDecoder, EncodedBatch
 from engine.distributed import DistInfo
 from engine.trainer import Prepared, RunBatches
+from evaluation.knn import KNNMonitor
 
 from .config import PretrainConfig
-from .data import MAEPretrainDataset, Normalizer, center_crop_tensor
+from .data import MAEPretrainDataset, center_crop_tensor
 from .models_mae import ARCHS, MaskedAutoencoderViT
 from .visualize import reconstruction_grid
 
 
 class MAETask:
+    """MAE pretraining: decode + crop + normalise (``prepare``), masked reconstruction loss,
+    reconstruction pictures at stage ends and, with ``eval.knn``, the kNN monitor as evaluation."""
+
     replay_dtypes = (torch.float16,)          # the stage-size model input, as the official replay stores it
+    eval_prefix = "knn_"                      # evaluation metrics are logged as knn_top1 / knn_top5
 
     def __init__(self, cfg: PretrainConfig, source: ImageSource, dist: DistInfo, num_vis: int = 6) -> None:
         self.cfg, self.source, self.dist = cfg, source, dist
@@ -44,6 +49,10 @@ class MAETask:
                 self.dataset.decode = "cpu"
         self.normalize = Normalizer(dist.device)
         self.vis = self._vis_images(num_vis)
+        self.knn = (KNNMonitor(cfg.eval.knn, cfg.model.img_size, dist, d.num_workers)
+                    if cfg.eval.knn.enabled else None)
+        if self.knn is None:
+            self.evaluate = None               # no monitor: the loop has nothing to evaluate
 
     def _vis_images(self, num: int) -> torch.Tensor:
         """The first ``num`` readable images, centre-cropped: the fixed rows of every reconstruction grid."""
@@ -96,6 +105,16 @@ class MAETask:
     def loss(self, model: nn.Module, inputs: Tuple[torch.Tensor, ...], info: StepInfo) -> torch.Tensor:
         loss, _, _ = model(inputs[0], mask_ratio=self.cfg.model.mask_ratio)
         return loss
+
+    def evaluate(self, model: MaskedAutoencoderViT) -> Dict[str, float]:
+        """kNN top-1 / top-5 of the encoder at the final size (no gradients; bf16 on a GPU)."""
+        was_training = model.training
+        model.eval()
+        try:
+            amp = torch.bfloat16 if self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+            return self.knn(lambda x: model.forward_features(x, self.cfg.eval.knn.feature), amp)
+        finally:
+            model.train(was_training)
 
     def metrics(self) -> Dict[str, float]:
         if self.decoder is None:

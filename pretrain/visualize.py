@@ -6,7 +6,8 @@ import os
 import torch
 from torchvision.utils import save_image
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from engine.data import IMAGENET_MEAN, IMAGENET_STD
+
 from .models_mae import MaskedAutoencoderViT
 
 

@@ -22,7 +22,11 @@ def test_pretrain_then_finetune_demo(tmp_path):
     assert f"run directory: {pre}" in r.stdout
     with open(pre / "metrics.jsonl") as f:
         m = [json.loads(line) for line in f]
-    assert m[-1]["loss"] < 0.8 * m[0]["loss"]                          # it learned something
+    losses = [r for r in m if "loss" in r]
+    assert losses[-1]["loss"] < 0.8 * losses[0]["loss"]                # it learned something
+    knn = [r["knn_top1"] for r in m if "knn_top1" in r]
+    # every stage end; 4 classes (chance 25 %), a random encoder scores about 78 %, the trained demo 90 %
+    assert len(knn) == 10 and knn[-1] > 84.0
     assert len(os.listdir(pre / "reconstructions")) == 10 and (pre / "curriculum.png").is_file()
 
     r = sh("finetune.sh", f"model.checkpoint={pre / 'encoder.pth'}", f"data.path={data}", f"train.output_dir={ft}",

@@ -20,7 +20,8 @@ from PIL import Image
 from engine import decode as decode_mod
 from engine.decode import DeviceDecoder, EncodedBatch, collate_encoded, jpeg_header
 from engine.resample import resized_crops, vertical_first
-from pretrain.data import MAEPretrainDataset, Normalizer, collate, rrc_params
+from engine.data import Normalizer
+from pretrain.data import MAEPretrainDataset, collate, rrc_params
 from efficienttrain.fourier import low_frequency_crop
 
 

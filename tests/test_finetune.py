@@ -16,7 +16,8 @@ from engine.distributed import DistInfo
 from engine.optim import param_groups_layer_decay, vit_layer_id
 from engine.trainer import RunBatches
 from finetune.config import ClassifierConfig, FinetuneConfig
-from finetune.data import CurriculumTrainDataset, image_folder
+from engine.data import image_folder
+from finetune.data import CurriculumTrainDataset
 from finetune.main import run
 from finetune.models import create_classifier, load_pretrained, make_linear_probe
 from pretrain.demo_data import generate_demo_dataset

@@ -180,9 +180,14 @@ def test_text_list_data_and_encoder_export_loads_into_timm(images, tmp_path):
 
 
 def test_two_process_gloo_run(images, tmp_path):
+    """Two ranks: the global batch is split, only rank 0 writes, and the kNN monitor's features
+    (extracted by both ranks, each every second image, then gathered) give the numbers a single
+    process computes from the saved model."""
     out = tmp_path / "ddp"
+    knn = [f"eval.knn.train={images}", f"eval.knn.val={images}", "eval.knn.k=3", "eval.knn.max_train=15",
+           "eval.knn.batch_size=4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pretrain",
-           *tiny_overrides(images, out, "curriculum.epochs=1", "train.device=cpu")]
+           *tiny_overrides(images, out, "curriculum.epochs=1", "train.device=cpu", *knn)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = read_metrics(out)
@@ -190,7 +195,16 @@ def test_two_process_gloo_run(images, tmp_path):
     assert r.stdout.count("run directory:") == 1                    # only rank 0 writes and reports
     # 2 ranks x 4 samples per step = the global batch of 8
     ck = load_checkpoint(str(out / "checkpoints" / "checkpoint-latest.pth"))
-    assert ck["samples_seen"] == 8 * m[-1]["step"]
+    losses = [r for r in m if "loss" in r]
+    assert ck["samples_seen"] == 8 * losses[-1]["step"]
+    from evaluation.knn import KNNConfig, KNNMonitor
+    from engine.distributed import DistInfo
+    from pretrain.checkpoints import load_mae
+
+    model, _ = load_mae(str(out / "checkpoints" / "checkpoint-latest.pth"))
+    mon = KNNMonitor(KNNConfig(train=images, val=images, k=3, max_train=15), 32, DistInfo())
+    single = mon(lambda x: model.forward_features(x))
+    assert [r["knn_top1"] for r in m if "knn_top1" in r][-1] == pytest.approx(single["top1"], abs=1e-6)
 
 
 def test_replay_stages_run_and_halve_loader_passes(images, tmp_path):

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from efficienttrain.fourier import high_pass_filter, low_pass_filter  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from finetune.config import ClassifierConfig  # noqa: E402
-from finetune.data import EvalDataset, eval_transform, image_folder  # noqa: E402
+from engine.data import EvalDataset, eval_transform, image_folder  # noqa: E402
 from finetune.models import create_classifier, make_linear_probe  # noqa: E402
 from finetune.task import evaluate  # noqa: E402
 

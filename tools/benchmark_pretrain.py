@@ -9,7 +9,8 @@ the images/s the real data pipeline delivers (``--decode cpu|device``).
 ``--compare-demo``: times whole pretraining runs (process start to exit, as a user would) of a
 config's curriculum and of its baseline (every sample at the final size for
 ``curriculum.baseline_epochs``), alternating, and prints the measured wall speedup next to the
-compute speedup the run prints.
+compute speedup the run prints. The kNN monitor is off in both arms (``--with-eval`` keeps it):
+it evaluates at every stage end, ten times for etpp and once for the baseline.
 
 Prints a table and saves JSON (with the device name) under benchmarks/results/.
 
@@ -42,7 +43,8 @@ from engine.data import open_image_source  # noqa: E402
 from engine.decode import DeviceDecoder, EncodedBatch  # noqa: E402
 from engine.trainer import param_groups  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
-from pretrain.data import MAEPretrainDataset, Normalizer  # noqa: E402
+from engine.data import Normalizer  # noqa: E402
+from pretrain.data import MAEPretrainDataset  # noqa: E402
 from pretrain.models_mae import ARCHS, create_mae  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -84,8 +86,11 @@ def compare_demo(args: argparse.Namespace) -> int:
 
         generate_demo_dataset(os.path.join(ROOT, cfg.data.path), cfg.data.demo_images)
     baseline_epochs = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs
-    arms = {"curriculum": list(args.overrides),
-            "baseline": [*args.overrides, "curriculum.name=baseline", f"curriculum.epochs={baseline_epochs}"]}
+    # training time is compared: the kNN monitor (one evaluation per stage end: 10 for etpp, 1 for
+    # the baseline) is switched off in both arms unless --with-eval
+    common = list(args.overrides) if args.with_eval else ["eval.knn.train=''", "eval.knn.val=''", *args.overrides]
+    arms = {"curriculum": common,
+            "baseline": [*common, "curriculum.name=baseline", f"curriculum.epochs={baseline_epochs}"]}
     results: Dict[str, List[Dict]] = {k: [] for k in arms}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
@@ -103,6 +108,7 @@ def compare_demo(args: argparse.Namespace) -> int:
     print(f"wall speedup {speedup:.2f}x / compute speedup {planned:.2f}x = {speedup / planned:.2f} "
           f"(steps only: {steps['baseline'] / steps['curriculum']:.2f}x)")
     save_result({"benchmark": "compare_demo", "device": dev_name, "config": args.config, "overrides": args.overrides,
+                 "with_eval": args.with_eval,
                  "repeats": args.repeats, "wall_s": wall, "step_s": steps, "wall_speedup": speedup,
                  "compute_speedup": planned, "wall_over_compute": speedup / planned,
                  "runs": {k: [{"wall_s": r["wall_s"], "step_seconds": r["step_seconds"],
@@ -117,6 +123,7 @@ def main() -> int:
     ap.add_argument("--compare-demo", action="store_true", help="time whole baseline and curriculum runs of --config")
     ap.add_argument("--config", default="configs/pretrain/demo.yaml", help="config for --compare-demo")
     ap.add_argument("--repeats", type=int, default=1, help="--compare-demo: runs per arm (medians are reported)")
+    ap.add_argument("--with-eval", action="store_true", help="--compare-demo: keep the config's kNN monitor on")
     ap.add_argument("overrides", nargs="*", help="--compare-demo: key=value overrides for both arms")
     ap.add_argument("--arch", default="mae_vit_base_patch16", choices=list(ARCHS))
     ap.add_argument("--img-size", type=int, default=224)

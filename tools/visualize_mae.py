@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from efficienttrain.fourier import low_frequency_crop  # noqa: E402
 from pretrain.checkpoints import load_mae  # noqa: E402
-from pretrain.data import Normalizer, center_crop_tensor  # noqa: E402
+from engine.data import Normalizer  # noqa: E402
+from pretrain.data import center_crop_tensor  # noqa: E402
 from pretrain.visualize import reconstruction_grid  # noqa: E402
 
 

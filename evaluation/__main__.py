@@ -1,0 +1,5 @@
+import sys
+
+from .run_eval import main
+
+sys.exit(main())

@@ -1,0 +1,492 @@
+"""Study runner: train several arms (a curriculum, a budget, a seed) of one recipe, evaluate each,
+and put them side by side: measured wall time and speedup, planned compute, accuracy.
+
+A study YAML (schema: :class:`StudyConfig`) names a base training config, a labelled dataset
+(ImageFolder root with ``train/`` and ``val/``), the arms (overrides of the base config; one is the
+baseline) with their seeds, and the evaluations. Every (arm, seed) is one ``python -m pretrain``
+(or ``python -m finetune mode=train`` for ``kind: supervised``) run in its own directory
+``output_dir/<arm>/seed<k>``; a finished one is skipped, an interrupted one is resumed exactly
+(the training runs resume on their own; changed evaluation settings re-evaluate finished arms).
+The study writes ``study.json``, ``study.md`` and
+``study.png`` (accuracy against wall time and against compute, one point per arm).
+
+Relative paths in a study are relative to the working directory (run it from the repository root).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import yaml
+
+from engine.checkpoint import atomic_write_json
+from engine.config import ConfigError, load_config
+
+KINDS = ("pretrain", "supervised")
+
+
+@dataclass
+class ArmConfig:
+    name: str = ""
+    overrides: List[str] = field(default_factory=list)   # key=value of the base training config
+    seeds: Optional[List[int]] = None                    # default: the study's seeds
+    baseline: bool = False                               # the reference of the measured speedup
+
+    def validate(self, where: str) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"{where}.name must be a non-empty folder-safe name (letters, digits, - _ .), "
+                              f"got {self.name!r}")
+        bad = [o for o in self.overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"{where}.overrides: {bad} are not key=value")
+
+
+@dataclass
+class StudyEvalConfig:
+    knn: bool = True                  # pretrain: weighted kNN on frozen features (evaluation.knn)
+    k: int = 20
+    temperature: float = 0.07
+    feature: str = "cls"
+    probe: bool = True                # pretrain: linear probe on cached features (evaluation.probe)
+    probe_epochs: int = 100
+    finetune_epochs: float = 0        # pretrain: > 0 adds a short fine-tune (python -m finetune)
+    finetune_config: str = ""         # fine-tuning YAML to start from (default: the finetune defaults)
+    finetune_overrides: List[str] = field(default_factory=list)
+    batch_size: int = 256
+    num_workers: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.feature not in ("cls", "avgpool"):
+            raise ConfigError(f"{where}.feature: {self.feature!r} is not allowed; allowed: cls, avgpool")
+        if self.k < 1 or self.probe_epochs < 1 or self.finetune_epochs < 0 or self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError(f"{where}: k, probe_epochs and batch_size must be >= 1, finetune_epochs and "
+                              "num_workers >= 0")
+        if not self.temperature > 0:
+            raise ConfigError(f"{where}.temperature must be > 0, got {self.temperature}")
+        if self.finetune_config and not os.path.isfile(self.finetune_config):
+            raise ConfigError(f"{where}.finetune_config: {self.finetune_config!r} is not a file")
+        bad = [o for o in self.finetune_overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"{where}.finetune_overrides: {bad} are not key=value")
+
+
+@dataclass
+class StudyConfig:
+    name: str = ""
+    description: str = ""
+    kind: str = "pretrain"            # pretrain (MAE, python -m pretrain) | supervised (python -m finetune mode=train)
+    config: str = ""                  # base training YAML of every arm
+    overrides: List[str] = field(default_factory=list)   # key=value for every arm
+    data: str = ""                    # ImageFolder root with train/ and val/
+    seeds: List[int] = field(default_factory=lambda: [0])
+    arms: List[ArmConfig] = field(default_factory=list)
+    evaluation: StudyEvalConfig = field(default_factory=StudyEvalConfig)
+    output_dir: str = ""              # default: runs/study/<name>
+    nproc: int = 1                    # processes per training run (> 1: torchrun --standalone on this node)
+
+    def validate(self, where: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{where}.name is required (it names the output folder and the report)")
+        if self.kind not in KINDS:
+            raise ConfigError(f"{where}.kind: {self.kind!r} is not allowed; allowed: {', '.join(KINDS)}")
+        if not self.config or not os.path.isfile(self.config):
+            raise ConfigError(f"{where}.config: {self.config!r} is not a file; give the base training YAML, "
+                              "relative to the working directory")
+        for sub in ("train", "val"):
+            if not os.path.isdir(os.path.join(self.data, sub)):
+                raise ConfigError(f"{where}.data: {os.path.join(self.data, sub)!r} is not a folder; data must be an "
+                                  "ImageFolder root with train/ and val/")
+        classes = [sorted(e.name for e in os.scandir(os.path.join(self.data, sub)) if e.is_dir())
+                   for sub in ("train", "val")]
+        if classes[0] != classes[1] or not classes[0]:
+            raise ConfigError(f"{where}.data: train/ and val/ must have the same (non-empty) class folders; only in "
+                              f"train: {sorted(set(classes[0]) - set(classes[1]))[:5]}, only in val: "
+                              f"{sorted(set(classes[1]) - set(classes[0]))[:5]}")
+        if not self.arms:
+            raise ConfigError(f"{where}.arms: give at least one arm (the one with baseline: true is the reference)")
+        names = [a.name for a in self.arms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"{where}.arms: duplicate arm names {dup}")
+        if sum(a.baseline for a in self.arms) != 1:
+            raise ConfigError(f"{where}.arms: exactly one arm must have baseline: true (the reference of the "
+                              f"measured speedup), got {sum(a.baseline for a in self.arms)}")
+        if not self.seeds or any(not isinstance(s, int) for s in self.seeds):
+            raise ConfigError(f"{where}.seeds must be a non-empty list of integers")
+        if self.nproc < 1:
+            raise ConfigError(f"{where}.nproc must be >= 1, got {self.nproc}")
+
+    def out(self) -> str:
+        return self.output_dir or os.path.join("runs", "study", self.name)
+
+
+def load_study(path: str) -> StudyConfig:
+    return load_config(StudyConfig, path)
+
+
+# ---- one arm ----------------------------------------------------------------------------------
+def launcher(study: StudyConfig) -> List[str]:
+    """How training processes start: this Python, or torchrun with ``nproc`` processes."""
+    return [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(study.nproc)]
+                               if study.nproc > 1 else [])
+
+
+def arm_command(study: StudyConfig, arm: ArmConfig, seed: int, run_dir: str) -> List[str]:
+    """The training command of (arm, seed): base config, study overrides, arm overrides, then the
+    study's own keys (data, output folder, seed)."""
+    common = [*study.overrides, *arm.overrides, f"train.output_dir={run_dir}", f"train.seed={seed}",
+              "train.progress=false"]
+    launch = launcher(study)
+    if study.kind == "pretrain":
+        return [*launch, "-m", "pretrain", "--config", study.config, *common,
+                f"data.path={os.path.join(study.data, 'train')}"]
+    return [*launch, "-m", "finetune", "--config", study.config, "mode=train", *common,
+            f"data.path={study.data}", "data.train_dir=train", "data.val_dir=val"]
+
+
+def check_arms(study: StudyConfig) -> None:
+    """Load every arm's training config (base YAML + study and arm overrides) and its curriculum
+    before anything trains, so a typo in the last arm fails now, not hours into the study."""
+    from efficienttrain.curriculum import CurriculumError, get_curriculum
+
+    if study.kind == "pretrain":
+        from pretrain.config import PretrainConfig as schema
+    else:
+        from finetune.config import FinetuneConfig as schema
+    for arm in study.arms:
+        cmd = arm_command(study, arm, (arm.seeds or study.seeds)[0], os.path.join(study.out(), arm.name))
+        overrides = cmd[cmd.index("--config") + 2:]
+        try:
+            cfg = load_config(schema, study.config, overrides)
+            multiple = cfg.curriculum.multiple_of or getattr(cfg.model, "patch", None) or 32
+            get_curriculum(cfg.curriculum.name, cfg.model.img_size, multiple)
+        except (ConfigError, CurriculumError) as e:
+            raise ConfigError(f"arm {arm.name!r} (overrides {arm.overrides}): {e}") from None
+
+
+def training_flops(run_dir: str, kind: str) -> Dict[str, float]:
+    """Planned training compute of a finished run: FLOPs (forward + backward, counted with
+    torch.utils.flop_counter at every stage size, times the samples the plan gives the stage)
+    and equivalent epochs at the final size (the pixel cost the curricula are defined by)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with open(os.path.join(run_dir, "plan.json")) as f:
+        plan = json.load(f)
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    model, loss_fn = _model_for_flops(cfg, kind)
+    per_size: Dict[int, float] = {}
+    for row in plan["rows"]:
+        s = row["size"]
+        if s not in per_size:
+            with FlopCounterMode(display=False) as counter:      # batch 2: BatchNorm needs two values in training
+                loss_fn(model, torch.randn(2, 3, s, s)).backward()
+            per_size[s] = float(counter.get_total_flops()) / 2
+    final = plan["rows"][-1]["size"]
+    flops = sum(r["steps"] * r["batch_size"] * per_size[r["size"]] for r in plan["rows"])   # samples the steps ran
+    eq = sum(r["sample_epochs"] * r["size"] ** 2 for r in plan["rows"]) / final ** 2
+    return {"train_flops": flops, "equivalent_epochs": eq, "flops_per_image": {str(k): v for k, v in per_size.items()}}
+
+
+def _model_for_flops(cfg: Dict[str, Any], kind: str):
+    if kind == "pretrain":
+        from pretrain.config import PretrainConfig
+        from pretrain.models_mae import create_mae
+        from engine.config import from_dict
+
+        c = from_dict(PretrainConfig, {**cfg, "data": {**cfg["data"], "path": cfg["data"]["path"] or "x"}})
+        model = create_mae(c.model.arch, **c.model.overrides())
+        mask = c.model.mask_ratio
+        return model, lambda m, x: m(x, mask_ratio=mask)[0]
+    from finetune.config import FinetuneConfig
+    from finetune.models import create_classifier
+    from engine.config import from_dict
+
+    c = from_dict(FinetuneConfig, cfg)
+    model = create_classifier(c.model, dynamic_size=True)
+    return model, lambda m, x: m(x).float().logsumexp(-1).sum()
+
+
+def _config_hash(cmd: Sequence[str]) -> str:
+    return hashlib.sha256("\0".join(cmd[1:]).encode()).hexdigest()[:16]
+
+
+def _file_hash(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def _check_same_run(run_dir: str, what: Dict[str, str], arm: str) -> None:
+    """Refuse to mix: the (arm, seed) folder must have been started by the same command and base
+    config content (hashes in ``study_arm.json`` or, for an unfinished arm, ``study_started.json``)."""
+    for name in ("study_arm.json", "study_started.json"):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            rec = json.load(f)
+        for key, value in what.items():
+            if key in rec and rec[key] != value:
+                changed = "the base config file" if key == "base_config_hash" else "the study YAML"
+                raise ConfigError(f"{run_dir} was run with another command ({changed} changed for arm {arm!r}); "
+                                  "use another output_dir or remove that folder to rerun it")
+        return
+
+
+def run_arm(study: StudyConfig, arm: ArmConfig, seed: int, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train (or resume) one (arm, seed), evaluate it, and return its record; a finished one is
+    read back, not rerun."""
+    run_dir = os.path.join(study.out(), arm.name, f"seed{seed}")
+    record_path = os.path.join(run_dir, "study_arm.json")
+    cmd = arm_command(study, arm, seed, run_dir)
+    key = _config_hash(cmd)
+    eval_key = _eval_hash(study)
+    hashes = {"command_hash": key, "base_config_hash": _file_hash(study.config)}
+    _check_same_run(run_dir, hashes, arm.name)
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if study.kind == "pretrain" and record.get("eval_hash", eval_key) != eval_key:
+            log(f"[study] {arm.name} seed {seed}: finished earlier, evaluation settings changed: evaluating again")
+            record.update(eval=_evaluate_pretrain(study, run_dir, launcher(study)), eval_hash=eval_key)
+            atomic_write_json(record, record_path)
+            return record
+        log(f"[study] {arm.name} seed {seed}: finished earlier, skipped")
+        return record
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_json(hashes, os.path.join(run_dir, "study_started.json"))
+    resumed = os.path.isfile(os.path.join(run_dir, "checkpoints", "checkpoint-latest.pth"))
+    log(f"[study] {arm.name} seed {seed}: {'resuming' if resumed else 'training'} ({' '.join(cmd[1:])}), "
+        f"log {os.path.join(run_dir, 'train.log')}")
+    t0 = time.time()
+    with open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8") as logf:
+        rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"arm {arm.name!r} seed {seed} failed (exit {rc}); see {os.path.join(run_dir, 'train.log')}. "
+                           "Rerunning the study resumes it.")
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    record: Dict[str, Any] = {"arm": arm.name, "seed": seed, "run_dir": run_dir, "command": cmd[1:],
+                              **hashes, "eval_hash": eval_key, "baseline": arm.baseline, "device": device_label(),
+                              "wall_s": summary["step_seconds"], "overhead_s": summary["overhead_seconds"],
+                              "planned_speedup": summary["planned_speedup"], "process_s_last": time.time() - t0,
+                              **training_flops(run_dir, study.kind)}
+    with open(os.path.join(run_dir, "plan.json")) as f:
+        plan = json.load(f)
+    record["curriculum"] = plan["curriculum"]["name"]
+    record["budget_epochs"] = plan["budget_epochs"]
+    if study.kind == "pretrain":
+        record["eval"] = _evaluate_pretrain(study, run_dir, launcher(study))
+    else:
+        ev = summary.get("eval") or {}
+        record["eval"] = {"val": {"top1": ev.get("eval_top1"), "top5": ev.get("eval_top5")}}
+    atomic_write_json(record, record_path)
+    return record
+
+
+def _eval_hash(study: StudyConfig) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(study.evaluation), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_record(study: StudyConfig, arm: ArmConfig, seed: int) -> Optional[Dict[str, Any]]:
+    """A finished (arm, seed)'s record without running anything (``--only`` for the other arms);
+    None when it has not finished. Records of another command or evaluation are refused."""
+    run_dir = os.path.join(study.out(), arm.name, f"seed{seed}")
+    path = os.path.join(run_dir, "study_arm.json")
+    if not os.path.isfile(path):
+        return None
+    cmd = arm_command(study, arm, seed, run_dir)
+    _check_same_run(run_dir, {"command_hash": _config_hash(cmd), "base_config_hash": _file_hash(study.config)},
+                    arm.name)
+    with open(path) as f:
+        record = json.load(f)
+    if study.kind == "pretrain" and record.get("eval_hash", _eval_hash(study)) != _eval_hash(study):
+        raise ConfigError(f"{run_dir} was evaluated with other settings; run the study without --only "
+                          f"{arm.name} to evaluate it again")
+    return record
+
+
+def _evaluate_pretrain(study: StudyConfig, run_dir: str, launch: Sequence[str]) -> Dict[str, Any]:
+    from .run_eval import evaluate_run
+
+    e = study.evaluation
+    res = evaluate_run(run_dir, study.data, e.knn, e.probe, e.finetune_epochs, e.finetune_overrides,
+                       e.finetune_config or None, e.k, e.temperature, e.feature, e.batch_size, e.num_workers,
+                       e.probe_epochs, launcher=launch)
+    wanted = [k for k, on in (("knn", e.knn), ("probe", e.probe), ("finetune", e.finetune_epochs > 0)) if on]
+    return {k: res[k] for k in wanted}
+
+
+# ---- the report -------------------------------------------------------------------------------
+def mean_sd(values: Sequence[float]) -> Dict[str, Any]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals)}
+
+
+def compare(arm: Dict[str, Any], base: Dict[str, Any]) -> str:
+    """How an arm's accuracy stands against the baseline's: a difference smaller than twice its
+    standard error or than the seeds' spread (standard deviation; a single-seed arm borrows the
+    other arm's) is reported as within noise, never as a win."""
+    if arm["mean"] is None or base["mean"] is None:
+        return "n/a"
+    d = arm["mean"] - base["mean"]
+    if arm["sd"] is None and base["sd"] is None:
+        return f"{d:+.2f} (single seed: spread unknown)"
+    sd_a, sd_b = arm["sd"] if arm["sd"] is not None else base["sd"], base["sd"] if base["sd"] is not None else arm["sd"]
+    se = math.sqrt(sd_a ** 2 / arm["n"] + sd_b ** 2 / base["n"])
+    spread = max(sd_a, sd_b)
+    if abs(d) < max(2 * se, spread):
+        return f"{d:+.2f} (within noise: |diff| < max(2 x SE {se:.2f}, seed spread {spread:.2f}))"
+    return f"{d:+.2f} ({'better' if d > 0 else 'worse'}: |diff| > 2 x SE {se:.2f} and > seed spread {spread:.2f})"
+
+
+METRICS = {"pretrain": ("knn", "probe", "finetune"), "supervised": ("val",)}
+
+
+def summarize(study: StudyConfig, records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    arms = []
+    for arm in study.arms:
+        rs = [r for r in records if r["arm"] == arm.name]
+        entry = {"arm": arm.name, "baseline": arm.baseline, "seeds": [r["seed"] for r in rs],
+                 "curriculum": rs[0]["curriculum"], "budget_epochs": rs[0]["budget_epochs"],
+                 "planned_speedup": rs[0]["planned_speedup"], "equivalent_epochs": rs[0]["equivalent_epochs"],
+                 "train_flops": rs[0]["train_flops"], "wall_s": mean_sd([r["wall_s"] for r in rs]),
+                 "overrides": arm.overrides, "accuracy": {}}
+        for m in METRICS[study.kind]:
+            vals = [(r["eval"].get(m) or {}).get("top1") for r in rs]
+            if any(v is not None for v in vals):
+                entry["accuracy"][m] = mean_sd(vals)
+        arms.append(entry)
+    base = next(a for a in arms if a["baseline"])
+    for a in arms:
+        a["measured_speedup"] = base["wall_s"]["mean"] / a["wall_s"]["mean"]
+        a["flops_saving"] = base["train_flops"] / a["train_flops"]
+        a["vs_baseline"] = {m: compare(v, base["accuracy"][m]) for m, v in a["accuracy"].items()
+                            if m in base["accuracy"]}
+    return {"name": study.name, "description": study.description, "kind": study.kind, "config": study.config,
+            "data": study.data, "device": ", ".join(sorted({r.get("device") or device_label() for r in records})),
+            "arms": arms, "runs": records}
+
+
+def device_label() -> str:
+    import platform
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _fmt(ms: Dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
+    if ms["mean"] is None:
+        return "-"
+    text = f"{ms['mean'] * scale:.{digits}f}"
+    return text + (f" +- {ms['sd'] * scale:.{digits}f}" if ms["sd"] is not None else "")
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g}"
+
+
+def write_report(report: Dict[str, Any], out: str, command: str) -> None:
+    """study.json, study.md (the table) and study.png (accuracy vs wall time and vs compute)."""
+    atomic_write_json({**report, "command": command}, os.path.join(out, "study.json"))
+    metrics = [m for m in METRICS[report["kind"]] if any(m in a["accuracy"] for a in report["arms"])]
+    head = ["arm", "curriculum", "budget (eq. epochs)", "planned speedup", "train FLOP", "FLOPs saving",
+            "wall min (steps)", "measured speedup", *[f"{m} top-1 %" for m in metrics], "seeds"]
+    lines = [f"# Study {report['name']}", "", report["description"].strip(), "",
+             f"Command: `{command}`  ", f"Device: {report['device']}  ", f"Base config: `{report['config']}`, data "
+             f"`{report['data']}`", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for a in report["arms"]:
+        row = [a["arm"] + (" (baseline)" if a["baseline"] else ""), a["curriculum"],
+               f"{a['budget_epochs']:g} ({a['equivalent_epochs']:.1f})", f"{a['planned_speedup']:.2f}x",
+               _si(a["train_flops"]), f"{a['flops_saving']:.2f}x", _fmt(a["wall_s"], 1 / 60),
+               f"{a['measured_speedup']:.2f}x",
+               *[_fmt(a["accuracy"][m]) if m in a["accuracy"] else "-" for m in metrics],
+               ", ".join(map(str, a["seeds"]))]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Against the baseline (difference of the mean top-1; a difference smaller than twice its "
+              "standard error or than the seeds' standard deviation is reported as within noise):", ""]
+    for a in report["arms"]:
+        if not a["baseline"]:
+            lines.append(f"- {a['arm']}: " + "; ".join(f"{m} {v}" for m, v in a["vs_baseline"].items()))
+    lines += ["", "Wall time is the arms' training steps (data loading included; checkpoints, pictures and "
+              "monitor evaluations excluded), summed over resumed processes. FLOPs are forward + backward, "
+              "counted with torch.utils.flop_counter per stage size."]
+    md = os.path.join(out, "study.md")
+    with open(md + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(md + ".tmp", md)
+    _plot(report, metrics, os.path.join(out, "study.png"))
+
+
+def _plot(report: Dict[str, Any], metrics: List[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, sharey=True)
+    markers = dict(zip(METRICS["pretrain"] + METRICS["supervised"], "osD^"))
+    for a in report["arms"]:
+        for m in metrics:
+            acc = a["accuracy"].get(m)
+            if acc is None or acc["mean"] is None:
+                continue
+            for ax, x in ((axes[0], a["wall_s"]["mean"] / 60), (axes[1], a["train_flops"] / 1e12)):
+                ax.errorbar(x, acc["mean"], yerr=acc["sd"] or 0, marker=markers[m], capsize=3,
+                            label=f"{a['arm']} {m}")
+                ax.annotate(a["arm"], (x, acc["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes[0].set_xlabel("wall time of training, minutes")
+    axes[1].set_xlabel("training compute, TFLOP (forward + backward)")
+    axes[0].set_ylabel("top-1 %")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"study {report['name']}")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def run_study(study: StudyConfig, command: str, log: Callable[[str], None] = print,
+              only: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run every (arm, seed) in order (finished ones are read back), then write the report."""
+    os.makedirs(study.out(), exist_ok=True)
+    unknown = sorted(set(only or []) - {a.name for a in study.arms})
+    if unknown:
+        raise ConfigError(f"--only: unknown arm(s) {unknown}; the study has {[a.name for a in study.arms]}")
+    check_arms(study)
+    records = []
+    for arm in study.arms:
+        for seed in arm.seeds or study.seeds:
+            if only and arm.name not in only:
+                rec = read_record(study, arm, seed)
+                if rec is not None:
+                    records.append(rec)
+                continue
+            records.append(run_arm(study, arm, seed, log))
+    missing = [f"{a.name} seed {s}" for a in study.arms for s in (a.seeds or study.seeds)
+               if not any(r["arm"] == a.name and r["seed"] == s for r in records)]
+    if missing:
+        log(f"[study] not finished yet: {', '.join(missing)}; no report yet")
+        return {"records": records}
+    report = summarize(study, records)
+    write_report(report, study.out(), command)
+    log(f"[study] report: {os.path.join(study.out(), 'study.md')}")
+    return report
