@@ -90,7 +90,7 @@ class KNNConfig:
     """``eval.knn`` of a pretraining config: a labelled bank (train) and query set (val), both
     ImageFolder trees; empty ``train`` turns the monitor off."""
 
-    train: str = ""                 # ImageFolder with the kNN bank (e.g. /data/imagenet/train)
+    train: str = ""                 # ImageFolder with the kNN bank (e.g. /data/imagenet/train; "{data.path}/train")
     val: str = ""                   # ImageFolder with the queries (same class folders)
     k: int = 20
     temperature: float = 0.07

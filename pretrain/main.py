@@ -59,6 +59,8 @@ def curriculum_table(plan: Plan, patch: int, base_lr: float, warmup_epochs: floa
 
 def run(cfg: PretrainConfig, run_name: str = "pretrain") -> Dict:
     dist, log, run_dir = start_run(cfg, run_name)
+    knn = cfg.eval.knn                  # "{data.path}" in the kNN folders: the data root of this run (the demo's)
+    knn.train, knn.val = (p.replace("{data.path}", cfg.data.path) for p in (knn.train, knn.val))
     try:
         if cfg.data.demo and dist.is_main:
             generate_demo_dataset(cfg.data.path, cfg.data.demo_images)   # no-op when it is already there
