@@ -259,3 +259,34 @@ def test_seed_spread_decides_what_counts_as_a_difference():
     ten = [70.0 + (1.0 if i % 2 else -1.0) for i in range(10)]
     shifted = mean_sd([v + 1.0 for v in ten])
     assert "within noise" in compare(shifted, mean_sd(ten)) and "better" in compare(mean_sd([v + 1.2 for v in ten]), mean_sd(ten))
+
+
+def _gather_worker(rank, world, port, n, out):
+    import torch.distributed as tdist
+    from engine.distributed import DistInfo
+    from evaluation.knn import extract_features
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        data = torch.utils.data.TensorDataset(torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3),
+                                              torch.arange(n) % 4)
+        f, y = extract_features(lambda x: x * 2, data, torch.device("cpu"), DistInfo(rank, world, rank), batch_size=2)
+        torch.save((f, y), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("n", [7, 1])          # uneven shards; a rank with no sample at all
+def test_sharded_extraction_gathers_every_sample_once_in_order(n, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_worker, args=(2, port, n, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        f, y = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(f, 2 * torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3))
+        assert torch.equal(y, torch.arange(n) % 4)
