@@ -150,6 +150,15 @@ def image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
     return files, labels, classes
 
 
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str], train: str, val: str) -> None:
+    """Labels are class indices: a training and a validation tree must list the same class folders."""
+    if list(train_classes) != list(val_classes):
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(f"{train} and {val} must have the same class folders; only in {train}: {only_train[:5]}, "
+                        f"only in {val}: {only_val[:5]}")
+
+
 def eval_transform(size: int, crop_pct: float) -> transforms.Compose:
     """Resize the short side to size / crop_pct (bicubic), centre crop ``size``, normalise."""
     return transforms.Compose([

@@ -16,7 +16,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from engine.config import ConfigError
-from engine.data import EvalDataset, eval_transform, image_folder
+from engine.data import EvalDataset, check_same_classes, eval_transform, image_folder
 from engine.distributed import DistInfo
 
 
@@ -138,10 +138,7 @@ class KNNMonitor:
         self.img_size = cfg.img_size or img_size
         train_files, train_labels, classes = image_folder(cfg.train)
         val_files, val_labels, val_classes = image_folder(cfg.val)
-        if val_classes != classes:
-            only_train, only_val = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
-            raise ConfigError(f"eval.knn: {cfg.train} and {cfg.val} must have the same class folders; only in "
-                              f"train: {only_train[:5]}, only in val: {only_val[:5]}")
+        check_same_classes(classes, val_classes, cfg.train, cfg.val)
         train_files, train_labels = _subset(train_files, train_labels, cfg.max_train)
         val_files, val_labels = _subset(val_files, val_labels, cfg.max_val)
         if cfg.k > len(train_files):

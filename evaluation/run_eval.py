@@ -27,7 +27,7 @@ import yaml
 
 from engine.checkpoint import atomic_write_json, load_checkpoint
 from engine.config import ConfigError, load_config, save_config
-from engine.data import EvalDataset, eval_transform, image_folder
+from engine.data import EvalDataset, check_same_classes, eval_transform, image_folder
 from engine.distributed import DistInfo, resolve_device
 
 from .knn import extract_features, knn_accuracy
@@ -121,8 +121,7 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, knn: bool = True, pro
     if knn or probe:
         train_files, train_labels, classes = image_folder(train)
         val_files, val_labels, val_classes = image_folder(val)
-        if classes != val_classes:
-            raise ConfigError(f"{train} and {val} have different class folders")
+        check_same_classes(classes, val_classes, train, val)
         tf = eval_transform(meta["model_kwargs"]["img_size"], crop_pct)
         amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
         kw = dict(batch_size=batch_size, num_workers=num_workers, amp_dtype=amp)

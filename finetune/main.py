@@ -11,13 +11,13 @@ import torch.nn as nn
 from efficienttrain.curriculum import get_curriculum
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, to_dict
+from engine.data import EvalDataset, check_same_classes, eval_transform, image_folder
 from engine.distributed import DistInfo, barrier, cleanup
 from engine.optim import describe_groups, param_groups_layer_decay
 from engine.run import cli_main, start_run, write_run_files
 from engine.trainer import CurriculumTrainer
 
 from .config import FinetuneConfig
-from engine.data import EvalDataset, eval_transform, image_folder
 from .models import classifier_depth, create_classifier, init_head, load_pretrained, make_linear_probe
 from .task import ClassificationTask, evaluate
 
@@ -68,8 +68,7 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune") -> Dict:
         if cfg.mode == "eval":
             return run_eval(cfg, dist, val_files, val_labels, log)
         train_files, train_labels, train_classes = image_folder(os.path.join(d.path, d.train_dir))
-        if train_classes != classes:
-            raise ConfigError(f"{d.train_dir}/ and {d.val_dir}/ have different class folders")
+        check_same_classes(train_classes, classes, os.path.join(d.path, d.train_dir), os.path.join(d.path, d.val_dir))
         model = build_model(cfg, log)
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         multiple = cfg.curriculum.multiple_of or (patch[0] if patch else 32)

@@ -95,10 +95,16 @@ def test_knn_monitor_logs_every_stage_end_and_leaves_training_unchanged(folder, 
     assert again["eval"] and json.load(open(tmp_path / "mon" / "summary.json"))["eval"] == summary["eval"]
 
 
-def test_knn_config_errors(folder, capsys):
+def test_knn_config_errors(folder, capsys, tmp_path):
     from pretrain.main import main
 
     train = os.path.join(folder, "train")
+    other = tmp_path / "other"                                 # one class folder renamed
+    shutil.copytree(os.path.join(folder, "val"), other)
+    first = sorted(os.listdir(other))[0]
+    os.rename(other / first, other / "zz_extra")
+    assert main([f"data.path={train}", f"eval.knn.train={train}", f"eval.knn.val={other}"]) == 2
+    assert f"only in {train}: ['{first}'], only in {other}: ['zz_extra']" in capsys.readouterr().err
     assert main([f"data.path={train}", f"eval.knn.train={train}"]) == 2
     assert "set both train and val" in capsys.readouterr().err
     assert main([f"data.path={train}", f"eval.knn.train={train}", f"eval.knn.val={train}", "eval.knn.feature=mean"]) == 2

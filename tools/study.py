@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from engine.config import ConfigError, load_config  # noqa: E402
+from engine.data import DataError  # noqa: E402
 from evaluation.study import StudyConfig, run_study  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def main() -> int:
     try:
         study = load_config(StudyConfig, args.study, args.overrides)
         run_study(study, " ".join(["python", "tools/study.py", *sys.argv[1:]]), only=args.only)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
