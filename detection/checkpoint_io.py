@@ -12,6 +12,9 @@ an *expected* miss (decoder, mask token, cls token, final / fc norm, classificat
 are detection-only parameters absent from every pretraining file (relative position biases).
 Everything else is a real error: backbone weights missing from the file, unknown keys (another
 architecture), or shape mismatches; they raise :class:`CheckpointMismatchError` with the report.
+Every file a user names (``pretrained``, a detector checkpoint to test or resume) that cannot be
+used raises :class:`engine.checkpoint.CheckpointError` (a user error: exit code 2 and the message
+in the command lines), naming the file, the setting it came from and what is expected.
 """
 from __future__ import annotations
 
@@ -20,11 +23,11 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint
 from pretrain.pos_embed import resample_pos_embed
 
 # (key prefix in the file, why the backbone does not use it)
@@ -42,10 +45,35 @@ DETECTION_ONLY: Tuple[Tuple[str, str], ...] = (
     (".rel_pos_w", "relative position bias (detection-only, zero-initialised)"),
 )
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+# what a file named by `pretrained` may be (the end of its error messages)
+PRETRAINED_EXPECTED = ("backbone weights written by torch.save: our MAE pretraining checkpoint "
+                       "(train.output_dir/checkpoints/*.pth), encoder.pth or fine-tuned classifier, or an official "
+                       "MAE / timm ViT state dict, of the config's backbone geometry")
 
 
-class CheckpointMismatchError(RuntimeError):
-    """The file does not fit the backbone (missing weights, unknown keys or shape mismatches)."""
+class CheckpointMismatchError(CheckpointError):
+    """The file does not fit the backbone (missing weights, unknown keys or shape mismatches): a
+    user error, as every :class:`~engine.checkpoint.CheckpointError`."""
+
+
+def read_checkpoint(path: str, what: str, expected: str, mmap: bool = False) -> Any:
+    """``path`` loaded on the CPU with ``weights_only=True`` (mmengine training checkpoints'
+    log history allowed: see :func:`detection.runner.mmengine_checkpoint_globals`), or
+    :class:`CheckpointError` naming ``what`` (the setting the path came from) and ``expected``.
+
+    ``mmap=True`` leaves the tensors on disk where the file's format allows (a cheap up-front
+    check of a large file: only its pickled structure is read)."""
+    from .runner import mmengine_checkpoint_globals   # runner imports this module
+
+    path = os.path.expanduser(path)
+    check_checkpoint_file(path, what, expected)
+    with mmengine_checkpoint_globals():
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:   # the legacy format cannot be mapped; a bad file fails below, with its message
+                pass
+        return load_checkpoint(path, what, expected)
 
 
 @dataclass
@@ -58,39 +86,62 @@ class KeyReport:
     missing: List[str] = field(default_factory=list)                    # errors from here on
     unexpected: List[str] = field(default_factory=list)
     mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
+    invalid: List[str] = field(default_factory=list)                    # tensors that cannot be converted
     notes: List[str] = field(default_factory=list)
     hints: List[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched or self.invalid)
 
-    def format(self) -> str:
+    def format(self, errors_only: bool = False, max_mismatches: int = 4) -> str:
+        """The report, a line per kind of key; ``errors_only`` leaves out the expected misses
+        (for an error message). Shape mismatches beyond ``max_mismatches`` are counted, not listed
+        (the patch embedding first: with the hints it tells the file's architecture)."""
         def abridge(keys: List[str], n: int = 6) -> str:
             return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
-        lines = [f"checkpoint {self.path}: {len(self.loaded)} tensors loaded into the backbone"]
+        expected = {**self.unused, **self.detection_only}
+        if errors_only:
+            n_file = (len(self.loaded) + sum(map(len, self.unused.values())) + len(self.unexpected)
+                      + len(self.mismatched) + len(self.invalid))
+            lines = [f"  {len(self.loaded)} of the file's {n_file} tensors fit the backbone"]
+        else:
+            lines = [f"checkpoint {self.path}: {len(self.loaded)} tensors loaded into the backbone"]
         lines += [f"  note: {n}" for n in self.notes]
-        for why, keys in {**self.unused, **self.detection_only}.items():
-            lines.append(f"  expected miss, {why}: {len(keys)} key(s): {abridge(keys)}")
+        if errors_only and expected:
+            counts = ", ".join(f"{len(keys)} {why.split(' (')[0]}" for why, keys in expected.items())
+            lines.append(f"  (expected misses, not errors: {counts})")
+        else:
+            for why, keys in expected.items():
+                lines.append(f"  expected miss, {why}: {len(keys)} key(s): {abridge(keys)}")
+        lines += [f"  ERROR {msg}" for msg in self.invalid]
         if self.missing:
             lines.append(f"  ERROR backbone weights missing from the file: {len(self.missing)}: {abridge(self.missing)}")
         if self.unexpected:
             lines.append(f"  ERROR keys the backbone does not have: {len(self.unexpected)}: {abridge(self.unexpected)}")
-        for key, src, dst in self.mismatched:
+        shown = sorted(self.mismatched, key=lambda m: m[0] != "patch_embed.proj.weight")
+        for key, src, dst in shown[:max_mismatches]:
             lines.append(f"  ERROR shape mismatch {key}: file {list(src)} vs backbone {list(dst)}")
+        if len(shown) > max_mismatches:
+            lines.append(f"  ERROR ... and {len(shown) - max_mismatches} more shape mismatches")
         lines += [f"  hint: {h}" for h in self.hints]
         return "\n".join(lines)
 
 
-def read_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(state dict, meta) from any accepted file; ``module.`` prefixes (DDP) are stripped."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained checkpoint {path} not found: set `pretrained` in the config "
-                                "(or --cfg-options pretrained=PATH)")
-    ckpt = load_checkpoint(path)
+def read_state_dict(path: str, what: str = "pretrained", mmap: bool = False,
+                    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(state dict, meta) from any accepted file; ``module.`` prefixes (DDP) are stripped. A
+    file that is missing, unreadable or holds no state dict raises :class:`CheckpointError`
+    naming ``what``, the setting the path came from."""
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} {path!r} does not exist: set `pretrained` in the config (or "
+                              f"--cfg-options pretrained=PATH) to {PRETRAINED_EXPECTED}")
+    ckpt = read_checkpoint(path, what, PRETRAINED_EXPECTED, mmap=mmap)
     if not isinstance(ckpt, dict):
-        raise CheckpointMismatchError(f"{path} holds a {type(ckpt).__name__}, not a state dict")
+        raise CheckpointMismatchError(f"{what} {path!r} holds a {type(ckpt).__name__}, not a state dict; "
+                                      f"expected {PRETRAINED_EXPECTED}")
     sd = ckpt
     for key in ("model", "state_dict", "module"):
         if isinstance(ckpt.get(key), dict):
@@ -99,7 +150,8 @@ def read_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]
     meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
     tensors = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointMismatchError(f"{path} holds no tensors (top-level keys: {sorted(ckpt)[:10]})")
+        raise CheckpointMismatchError(f"{what} {path!r} holds no tensors (top-level keys: "
+                                      f"{sorted(map(str, ckpt))[:10]}); expected {PRETRAINED_EXPECTED}")
     return tensors, meta
 
 
@@ -145,7 +197,11 @@ def map_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, path: str = "<
     out: Dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if key == "pos_embed" and key in target:
-            value, note = convert_pos_embed(value, model.pretrain_grid)
+            try:
+                value, note = convert_pos_embed(value, model.pretrain_grid)
+            except CheckpointMismatchError as e:
+                report.invalid.append(str(e))
+                continue
             report.notes.append(note)
         if key in target:
             if tuple(value.shape) != tuple(target[key].shape):
@@ -171,9 +227,10 @@ def map_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, path: str = "<
             report.detection_only.setdefault(why, []).append(key)
 
     file_depth, model_depth = _depth(sd), _depth(target)
-    if file_depth != model_depth:
+    detector = any(k.startswith("backbone.") for k in report.unexpected)
+    if file_depth != model_depth and not detector:
         report.hints.append(f"the file has {file_depth} blocks, the backbone depth={model_depth}")
-    if any(k.startswith("backbone.") for k in report.unexpected):
+    if detector:
         report.hints.append("this looks like a whole detector's checkpoint: resume it or set load_from=PATH, "
                             "init_cfg is for backbone weights")
     for key, src, dst in report.mismatched:
@@ -183,17 +240,46 @@ def map_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, path: str = "<
     return out, report
 
 
-def load_backbone_checkpoint(model: nn.Module, path: str, logger: Optional[logging.Logger] = None) -> KeyReport:
-    """Load ``path`` into ``model`` and log the key report; any real error raises
-    :class:`CheckpointMismatchError` before a single weight is copied."""
-    sd, meta = read_state_dict(path)
+def _describe(model: nn.Module) -> str:
+    geometry = ", ".join(f"{k}={getattr(model, k)}" for k in ("img_size", "patch_size", "embed_dim", "depth")
+                         if hasattr(model, k))
+    return f"{type(model).__name__}({geometry})"
+
+
+def _check(model: nn.Module, path: str, what: str, mmap: bool = False,
+           ) -> Tuple[Dict[str, torch.Tensor], KeyReport]:
+    sd, meta = read_state_dict(path, what, mmap=mmap)
     mapped, report = map_state_dict(sd, model, path)
     if meta.get("kind"):
         report.notes.insert(0, f"file kind {meta['kind']!r}")
-    text = report.format()
     if not report.ok:
-        raise CheckpointMismatchError(f"cannot load {path} into {type(model).__name__}:\n{text}")
+        raise CheckpointMismatchError(
+            f"{what} {path!r} does not fit the backbone {_describe(model)}:\n{report.format(errors_only=True)}\n"
+            f"expected {PRETRAINED_EXPECTED} (set pretrained=PATH, e.g. --cfg-options pretrained=PATH)")
+    return mapped, report
+
+
+def load_backbone_checkpoint(model: nn.Module, path: str, logger: Optional[logging.Logger] = None,
+                             what: str = "pretrained") -> KeyReport:
+    """Load ``path`` into ``model`` and log the key report; any real error raises
+    :class:`CheckpointMismatchError` before a single weight is copied. ``what`` names the setting
+    the path came from in errors."""
+    mapped, report = _check(model, path, what)
     model.load_state_dict(mapped, strict=False)
     if logger is not None:
-        logger.info(text)
+        logger.info(report.format())
     return report
+
+
+def check_backbone_checkpoint(backbone_cfg: Mapping[str, Any], path: str, what: str = "pretrained") -> KeyReport:
+    """What :func:`load_backbone_checkpoint` would do with ``path`` for the backbone of a config
+    (``model.backbone``: a ``PlainViT`` dict), without its cost: the backbone is built on the
+    ``meta`` device and the file memory-mapped, so only shapes are compared. Raises
+    :class:`CheckpointError` / :class:`CheckpointMismatchError` as loading would (entry points
+    call it before the expensive steps of a run: building datasets, the optimizer)."""
+    from .vit import PlainViT   # vit imports this module
+
+    kwargs = {k: v for k, v in backbone_cfg.items() if k not in ("type", "_scope_", "init_cfg")}
+    with torch.device("meta"):
+        model = PlainViT(**kwargs)
+    return _check(model, path, what, mmap=True)[1]

@@ -1,6 +1,8 @@
 """Helpers of the entry points (tools/det_train.py, tools/det_test.py): user settings given with
-``--cfg-options`` reach every field derived from them, runners are :class:`DetRunner`, and COCO
-metrics print as a table."""
+``--cfg-options`` reach every field derived from them, the checkpoint files a run will read are
+checked before its expensive steps, runners are :class:`DetRunner`, and COCO metrics print as a
+table. User errors raise ``engine`` errors (:class:`ConfigError`, :class:`CheckpointError`), which
+the entry points' ``engine.errors.run_cli`` turns into exit code 2 and a message."""
 from __future__ import annotations
 
 import argparse
@@ -12,12 +14,16 @@ from mmengine.hooks import Hook
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .runner import DetRunner
+from engine.config import ConfigError
+
+from .checkpoint_io import KeyReport, check_backbone_checkpoint
+from .runner import DetRunner, read_detector_checkpoint
 
 # Top-level config variables a user sets; configs derive other fields from them
 # (dataset data_root, evaluator ann_file, backbone init_cfg checkpoint).
 USER_VARIABLES = ("data_root", "pretrained")
 COCO_COLUMNS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+CONFIG_EXTENSIONS = (".py", ".json", ".yaml", ".yml")   # what mmengine's Config.fromfile reads
 
 
 def _string_slots(node: Any, path: str) -> Iterator[Tuple[Any, Any, str]]:
@@ -52,7 +58,7 @@ def apply_cfg_options(cfg: Config, options: Optional[Dict[str, Any]]) -> List[st
             continue
         new = cfg[key]
         if not isinstance(new, str):
-            raise ValueError(f"--cfg-options {key} must be a path string, got {new!r}")
+            raise ConfigError(f"--cfg-options {key} must be a path string, got {new!r}")
         if old.endswith("/") and not new.endswith("/"):
             new += "/"
             cfg[key] = new
@@ -80,9 +86,22 @@ def load_config(args: argparse.Namespace) -> Config:
     """``args.config`` with ``--cfg-options`` applied (see :func:`apply_cfg_options`), the launcher
     and the work dir (``--work-dir``, the config's, or ``work_dirs/<config name>``) set."""
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    expected = "expected an MMDetection config file (.py), e.g. configs/detection/retinanet_vit-tiny-mae_sfp_demo.py"
+    ext = os.path.splitext(args.config)[1]
     if not os.path.isfile(args.config):
-        raise FileNotFoundError(f"config {args.config} not found")
-    cfg = Config.fromfile(args.config)
+        found = "is a folder" if os.path.isdir(args.config) else "does not exist"
+        raise ConfigError(f"config {args.config!r} {found}; {expected}")
+    if ext not in CONFIG_EXTENSIONS:
+        raise ConfigError(f"config {args.config!r} is a {ext or 'extension-less'} file; {expected} "
+                          "(the config comes first, then the checkpoint)")
+    try:
+        cfg = Config.fromfile(args.config)
+    except SyntaxError as e:
+        raise ConfigError(f"config {args.config!r} is not valid Python: {e.msg} at line {e.lineno} of "
+                          f"{e.filename}") from None
+    except FileNotFoundError as e:   # a _base_ file
+        raise ConfigError(f"config {args.config!r} names a file that does not exist: {e.filename!r} "
+                          "(check its _base_ list, relative to the config's folder)") from None
     rebound = apply_cfg_options(cfg, args.cfg_options)
     if rebound:
         print(f"--cfg-options re-applied to: {', '.join(rebound)}")
@@ -90,6 +109,29 @@ def load_config(args: argparse.Namespace) -> Config:
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or os.path.join(
         "work_dirs", os.path.splitext(os.path.basename(args.config))[0])
     return cfg
+
+
+def check_pretrained(cfg: Config) -> Optional[KeyReport]:
+    """Check the file a ``PlainViT`` backbone's ``init_cfg`` names (``pretrained``) against the
+    backbone before a training run builds anything (see :func:`check_backbone_checkpoint`: shapes
+    only, cheap); ``None`` when the config loads no pretrained backbone."""
+    backbone = cfg.model.get("backbone") or {}
+    init_cfg = backbone.get("init_cfg")
+    if str(backbone.get("type", "")).split(".")[-1] != "PlainViT" or not isinstance(init_cfg, dict) \
+            or init_cfg.get("type") != "Pretrained" or not isinstance(init_cfg.get("checkpoint"), str):
+        return None
+    path = init_cfg["checkpoint"]
+    what = "pretrained" if path == cfg.get("pretrained") else "model.backbone.init_cfg.checkpoint"
+    return check_backbone_checkpoint(backbone, path, what)
+
+
+def check_detector_checkpoint(cfg: Config, path: str, what: str, resume: bool = False) -> None:
+    """Check a detector checkpoint (``load_from``, ``--resume``, det_test.py's CKPT) before a run
+    builds anything: readable (its structure only: tensors are memory-mapped), training state for
+    a resume, and weights under the config's model parts (backbone, neck, heads). Raises
+    :class:`CheckpointError` naming ``what``."""
+    parts = [k for k, v in cfg.model.items() if isinstance(v, dict) and "type" in v and k != "data_preprocessor"]
+    read_detector_checkpoint(path, what, resume=resume, mmap=True, module_names=parts or None)
 
 
 def build_runner(cfg: Config) -> Runner:

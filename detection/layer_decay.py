@@ -17,6 +17,7 @@ from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
 
 from engine.optim import describe_groups, param_groups_layer_decay
+from engine.config import ConfigError
 
 DEFAULT_NO_DECAY = ("cls_token", "pos_embed", "dist_token", "reg_token")
 
@@ -33,18 +34,18 @@ class ViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         cfg = dict(paramwise_cfg or {})
         unknown = sorted(set(cfg) - set(self.ALLOWED_KEYS))
         if unknown:
-            raise ValueError(f"ViTLayerDecayOptimizerConstructor: unknown paramwise_cfg keys {unknown}; "
+            raise ConfigError(f"ViTLayerDecayOptimizerConstructor: unknown paramwise_cfg keys {unknown}; "
                              f"allowed: {', '.join(self.ALLOWED_KEYS)}")
         if "layer_decay" not in cfg:
-            raise ValueError("ViTLayerDecayOptimizerConstructor needs paramwise_cfg=dict(layer_decay=...), "
+            raise ConfigError("ViTLayerDecayOptimizerConstructor needs paramwise_cfg=dict(layer_decay=...), "
                              "e.g. 0.7 for ViT-B")
         super().__init__(optim_wrapper_cfg, None)
         if self.base_lr is None or self.base_wd is None:
-            raise ValueError("the optimizer config must set lr and weight_decay explicitly for layer decay, got "
+            raise ConfigError("the optimizer config must set lr and weight_decay explicitly for layer decay, got "
                              f"{self.optimizer_cfg}")
         self.layer_decay = float(cfg["layer_decay"])
         if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+            raise ConfigError(f"paramwise_cfg.layer_decay must be in (0, 1], got {self.layer_decay}")
         self.depth = cfg.get("depth")
         self.no_decay_names = tuple(cfg.get("no_decay_names", DEFAULT_NO_DECAY))
 
@@ -54,7 +55,7 @@ class ViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         if depth is None:
             depth = getattr(getattr(model, "backbone", None), "depth", None)
             if depth is None:
-                raise ValueError("cannot infer the ViT depth: the model has no backbone.depth; set "
+                raise ConfigError("cannot infer the ViT depth: the model has no backbone.depth; set "
                                  "paramwise_cfg=dict(depth=...)")
         groups = param_groups_layer_decay(model.named_parameters(), int(depth), self.base_wd, self.layer_decay,
                                           self.no_decay_names)

@@ -7,18 +7,30 @@ Rather than switching to ``weights_only=False`` (arbitrary code on load), :class
 allowlists exactly those types while it loads checkpoints: ``HistoryBuffer``, numpy arrays and
 dtypes, and, in place of the builtin ``getattr``, a function that only returns a ``HistoryBuffer``'s
 registered statistic methods. Everything else in a checkpoint is still refused.
+
+A local checkpoint file that cannot be used (missing, not a checkpoint, no training state for a
+resume, none of the detector's weights) raises :class:`engine.checkpoint.CheckpointError` naming
+the file and the setting it came from, a user error for the command lines, instead of the
+unpickler's or mmengine's exception; :func:`read_detector_checkpoint` is also the entry points'
+up-front check.
 """
 from __future__ import annotations
 
 import contextlib
 import pickle
-from typing import Any, Callable, Iterator, List, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
+from mmengine.model import is_model_wrapper
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
+from mmengine.runner.checkpoint import _load_checkpoint_to_model
+
+from engine.checkpoint import CheckpointError
+
+from .checkpoint_io import read_checkpoint
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _np_multiarray
@@ -26,6 +38,8 @@ except ImportError:  # numpy 1.x
     from numpy.core import multiarray as _np_multiarray  # type: ignore[no-redef]
 
 _DTYPE_CHARS = "?bBhHiIlLqQefdgFDG"
+DETECTOR_EXPECTED = ("a detector checkpoint written by tools/det_train.py (WORK_DIR/epoch_N.pth or iter_N.pth); "
+                     "backbone weights (MAE / timm files) go in `pretrained` instead")
 
 
 def history_buffer_method(obj: Any, name: str) -> Callable:
@@ -54,12 +68,82 @@ def mmengine_checkpoint_globals() -> Iterator[None]:
         yield
 
 
+def _strip(key: str) -> str:
+    return key[7:] if key.startswith("module.") else key
+
+
+def read_detector_checkpoint(path: str, what: str, resume: bool = False, mmap: bool = False,
+                             module_names: Optional[Sequence[str]] = None,
+                             model_keys: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """A detector checkpoint (``load_from``, ``--resume``, det_test.py's CKPT) loaded with
+    ``weights_only=True``, or :class:`CheckpointError` naming ``what`` (the setting the path came
+    from): not a checkpoint, no ``meta.epoch`` / ``meta.iter`` / ``state_dict`` for a resume, or
+    no weight of the detector: no key under ``module_names`` (the config's ``model`` sub-modules,
+    for a check before the model is built) or none of ``model_keys`` (the built model's)."""
+    ckpt = read_checkpoint(path, what, DETECTOR_EXPECTED, mmap=mmap)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{what} {path!r} holds a {type(ckpt).__name__}, not a checkpoint dict; "
+                              f"expected {DETECTOR_EXPECTED}")
+    sd = ckpt.get("state_dict", ckpt)
+    top = sorted(map(str, ckpt))[:8]
+    if resume:
+        meta = ckpt.get("meta")
+        lacks = [k for k, ok in (("state_dict", isinstance(ckpt.get("state_dict"), dict)),
+                                 ("meta.epoch", isinstance(meta, dict) and "epoch" in meta),
+                                 ("meta.iter", isinstance(meta, dict) and "iter" in meta)) if not ok]
+        if lacks:
+            raise CheckpointError(f"{what} {path!r} holds no training state to resume: it lacks "
+                                  f"{', '.join(lacks)} (top-level keys: {top}); expected {DETECTOR_EXPECTED}")
+    tensors = [_strip(k) for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)] \
+        if isinstance(sd, dict) else []
+    if not tensors:
+        raise CheckpointError(f"{what} {path!r} holds no weights (top-level keys: {top}); expected {DETECTOR_EXPECTED}")
+    if module_names is not None:
+        prefixes = tuple(f"{m}." for m in module_names)
+        if not any(k.startswith(prefixes) for k in tensors):
+            raise CheckpointError(f"{what} {path!r} holds none of the detector's weights: its {len(tensors)} tensor(s) "
+                                  f"(e.g. {', '.join(tensors[:3])}) are under none of the config's model parts "
+                                  f"({', '.join(module_names)}); expected {DETECTOR_EXPECTED}")
+    if model_keys is not None and not set(tensors) & set(model_keys):
+        raise CheckpointError(f"{what} {path!r} holds none of the detector's weights: none of its {len(tensors)} "
+                              f"tensor(s) (e.g. {', '.join(tensors[:3])}) is a parameter of the model; "
+                              f"expected {DETECTOR_EXPECTED}")
+    return ckpt
+
+
 @RUNNERS.register_module()
 class DetRunner(Runner):
     """mmengine ``Runner`` whose checkpoint loading (``--resume``, ``load_from``, testing a trained
-    detector) reads mmengine checkpoints with ``weights_only=True`` (:func:`mmengine_checkpoint_globals`).
+    detector) reads mmengine checkpoints with ``weights_only=True`` (:func:`mmengine_checkpoint_globals`)
+    and turns a local file it cannot use into a :class:`CheckpointError` (see
+    :func:`read_detector_checkpoint`); ``checkpoint_label`` names the setting in that message (the
+    entry points set it: ``--resume``, ``checkpoint``; default ``resume`` / ``load_from``).
     Configs select it with ``runner_type = 'DetRunner'``, so mmdet's own tools/train.py uses it too."""
 
-    def load_checkpoint(self, filename: str, *args: Any, **kwargs: Any) -> dict:
-        with mmengine_checkpoint_globals():
-            return super().load_checkpoint(filename, *args, **kwargs)
+    checkpoint_label: Optional[str] = None
+    _resuming = False
+
+    def resume(self, filename: str, *args: Any, **kwargs: Any) -> None:
+        self._resuming = True
+        try:
+            return super().resume(filename, *args, **kwargs)
+        finally:
+            self._resuming = False
+
+    def load_checkpoint(self, filename: str, map_location: Union[str, Callable] = "cpu", strict: bool = False,
+                        revise_keys: list = [(r"^module.", "")]) -> dict:  # noqa: B006 (mmengine's signature)
+        """As mmengine's, with local files read by :func:`read_detector_checkpoint` (on the CPU:
+        loading the state into the model and optimizer moves it to their device)."""
+        if "://" in str(filename):   # URLs, open-mmlab://, ...: mmengine's loaders
+            with mmengine_checkpoint_globals():
+                return super().load_checkpoint(filename, map_location, strict, revise_keys)
+        model = self.model.module if is_model_wrapper(self.model) else self.model
+        what = self.checkpoint_label or ("resume" if self._resuming else "load_from")
+        checkpoint = read_detector_checkpoint(filename, what, resume=self._resuming,
+                                              model_keys=list(model.state_dict()))
+        # the rest of mmengine's Runner.load_checkpoint (0.10)
+        self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
+        checkpoint = _load_checkpoint_to_model(model, checkpoint, strict, revise_keys=revise_keys)
+        self._has_loaded = True
+        self.logger.info(f"Load checkpoint from {filename}")
+        return checkpoint

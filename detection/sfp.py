@@ -22,6 +22,7 @@ from timm.layers import LayerNorm2d
 
 from mmdet.registry import MODELS
 
+from engine.config import ConfigError
 EXTRA_TYPES = ("maxpool", "conv")
 
 
@@ -29,8 +30,9 @@ def _log2_ratio(stride: int, backbone_stride: int) -> int:
     """Signed number of 2x steps from the backbone stride to ``stride``; errors unless a power of 2."""
     k = math.log2(stride / backbone_stride)
     if stride <= 0 or k != round(k):
-        raise ValueError(f"pyramid stride {stride} is not a power-of-2 multiple or fraction of the backbone "
-                         f"stride {backbone_stride} (allowed e.g. {[backbone_stride * 2 ** i for i in (-2, -1, 0, 1)]})")
+        raise ConfigError(f"SimpleFeaturePyramid stride {stride} is not a power-of-2 multiple or fraction of the "
+                          f"backbone stride {backbone_stride} (allowed e.g. "
+                          f"{[backbone_stride * 2 ** i for i in (-2, -1, 0, 1)]})")
     return int(round(k))
 
 
@@ -45,11 +47,13 @@ class SimpleFeaturePyramid(BaseModule):
         super().__init__(init_cfg=init_cfg)
         strides = tuple(int(s) for s in strides)
         if not strides or list(strides) != sorted(set(strides)):
-            raise ValueError(f"strides must be a non-empty ascending sequence without repeats, got {strides}")
+            raise ConfigError(f"SimpleFeaturePyramid strides must be a non-empty ascending sequence without "
+                              f"repeats, got {strides}")
         if extra_type not in EXTRA_TYPES:
-            raise ValueError(f"unknown extra_type {extra_type!r}; allowed: {', '.join(EXTRA_TYPES)}")
+            raise ConfigError(f"SimpleFeaturePyramid: unknown extra_type {extra_type!r}; "
+                              f"allowed: {', '.join(EXTRA_TYPES)}")
         if extra_levels < 0:
-            raise ValueError(f"extra_levels must be >= 0, got {extra_levels}")
+            raise ConfigError(f"SimpleFeaturePyramid extra_levels must be >= 0, got {extra_levels}")
         self.in_channels, self.backbone_stride = in_channels, backbone_stride
         self.strides = strides + tuple(strides[-1] * 2 ** (i + 1) for i in range(extra_levels))
         self.extra_type = extra_type
@@ -62,7 +66,8 @@ class SimpleFeaturePyramid(BaseModule):
             if k < 0:   # finer than the backbone: deconvolutions halving the width each time
                 for i in range(-k):
                     if dim % 2:
-                        raise ValueError(f"in_channels {in_channels} cannot be halved {-k} times for stride {s}")
+                        raise ConfigError(f"SimpleFeaturePyramid in_channels {in_channels} cannot be halved {-k} "
+                                          f"times for stride {s}")
                     layers.append(nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2))
                     dim //= 2
                     if i < -k - 1:
@@ -89,10 +94,11 @@ class SimpleFeaturePyramid(BaseModule):
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         if len(inputs) != 1:
-            raise ValueError(f"SimpleFeaturePyramid takes the backbone's single map, got {len(inputs)} maps")
+            raise ConfigError(f"SimpleFeaturePyramid takes the backbone's single map, got {len(inputs)} maps")
         x = inputs[0]
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"backbone map has {x.shape[1]} channels, the neck in_channels={self.in_channels}")
+            raise ConfigError(f"the backbone map has {x.shape[1]} channels, the neck (SimpleFeaturePyramid) "
+                              f"in_channels={self.in_channels}: set model.neck.in_channels to the backbone's embed_dim")
         outs = [out(scale(x)) for scale, out in zip(self.scales, self.outputs)]
         for i in range(self.extra_levels):
             if self.extra_type == "maxpool":

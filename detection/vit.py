@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmdet.registry import MODELS
 
+from engine.config import ConfigError
 from pretrain.pos_embed import resample_pos_embed
 
 from .checkpoint_io import load_backbone_checkpoint
@@ -72,7 +73,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos_size: Optional[int] = None) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"PlainViT embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -151,21 +152,22 @@ class PlainViT(BaseModule):
                  use_rel_pos: bool = False, with_cp: bool = False, init_cfg: Optional[dict] = None) -> None:
         if init_cfg is not None and (not isinstance(init_cfg, dict) or init_cfg.get("type") != "Pretrained"
                                      or set(init_cfg) - {"type", "checkpoint"} or not init_cfg.get("checkpoint")):
-            raise ValueError(f"PlainViT init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), "
-                             f"got {init_cfg!r}")
+            raise ConfigError(f"PlainViT init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), "
+                              f"got {init_cfg!r}")
         super().__init__(init_cfg=init_cfg)
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+            raise ConfigError(f"PlainViT img_size {img_size} is not a multiple of patch_size {patch_size}")
         if window_size < 0:
-            raise ValueError(f"window_size must be >= 0 (0: global attention everywhere), got {window_size}")
+            raise ConfigError(f"PlainViT window_size must be >= 0 (0: global attention everywhere), got {window_size}")
         if global_attn_indexes is None:
             if depth not in DEFAULT_GLOBAL_BLOCKS:
-                raise ValueError(f"no default global_attn_indexes for depth {depth} (defaults exist for "
-                                 f"{sorted(DEFAULT_GLOBAL_BLOCKS)}); pass them explicitly")
+                raise ConfigError(f"PlainViT: no default global_attn_indexes for depth {depth} (defaults exist for "
+                                  f"{sorted(DEFAULT_GLOBAL_BLOCKS)}); pass them explicitly")
             global_attn_indexes = DEFAULT_GLOBAL_BLOCKS[depth]
         bad = [i for i in global_attn_indexes if not 0 <= i < depth]
         if bad:
-            raise ValueError(f"global_attn_indexes {list(global_attn_indexes)} has blocks {bad} outside 0..{depth - 1}")
+            raise ConfigError(f"PlainViT global_attn_indexes {list(global_attn_indexes)} has blocks {bad} "
+                              f"outside 0..{depth - 1}")
         self.img_size, self.patch_size, self.embed_dim, self.depth = img_size, patch_size, embed_dim, depth
         self.pretrain_grid = (img_size // patch_size, img_size // patch_size)
         self.global_attn_indexes = tuple(sorted(set(global_attn_indexes)))
@@ -175,7 +177,7 @@ class PlainViT(BaseModule):
                                       strict_img_size=False, dynamic_img_pad=True)
         n = self.pretrain_grid[0] * self.pretrain_grid[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim)) if use_abs_pos else None
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()   # (a "meta" model too)
         self.blocks = nn.ModuleList()
         for i in range(depth):
             is_global = window_size == 0 or i in self.global_attn_indexes

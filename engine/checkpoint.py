@@ -114,10 +114,58 @@ def find_latest(folder: str) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
+class CheckpointError(ValueError):
+    """A checkpoint file a user named that cannot be used: missing, unreadable, or not what the
+    command needs (the message names the file, what was found and what is expected)."""
+
+
+CHECKPOINT_EXPECTED = ("a file written by torch.save: ours (train.output_dir/checkpoints/*.pth, encoder.pth) or an "
+                       "official MAE / timm state dict")
+_ZIP_MAGIC = b"PK\x03\x04"      # torch.save's format since torch 1.6
+_PICKLE_PROTOCOLS = range(2, 6)  # the legacy format: a pickle (protocol 2+) of torch's magic number first
+
+
+def _describe_start(head: bytes) -> str:
+    if not head:
+        return "an empty file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"binary data starting with bytes {head[:8].hex(' ')}"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file starting with {first!r}" if first else "a file of white space"
+
+
+def check_checkpoint_file(path: str, what: str = "checkpoint", expected: str = CHECKPOINT_EXPECTED) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a file torch.save could have written (a zip
+    archive or a legacy pickle), reading its first bytes only: cheap enough to run on every file a
+    command will read before anything expensive starts. ``what``: the setting the path came from."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} {path!r} does not exist; expected {expected}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{what} {path!r} is a folder; expected {expected}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS):
+        return
+    raise CheckpointError(f"{what} {path!r} is not a PyTorch checkpoint: it is {_describe_start(head)} "
+                          f"({os.path.getsize(path)} bytes); expected {expected}")
+
+
+def load_checkpoint(path: str, what: str = "checkpoint", expected: str = CHECKPOINT_EXPECTED) -> Dict[str, Any]:
     """Load any checkpoint on the CPU with ``weights_only=True`` (no arbitrary pickles): our resume
-    files hold only tensors and primitive types (optimizer, scaler and RNG state included)."""
+    files hold only tensors and primitive types (optimizer, scaler and RNG state included).
+    ``what`` names the setting the path came from in the error (e.g. ``model.checkpoint``)."""
+    check_checkpoint_file(path, what, expected)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a clearer message than pickle's
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from None
+    except Exception as e:
+        # torch's own message suggests weights_only=False, which would execute the file's pickled code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in first or "weights_only" in str(e):
+            why = ("it holds Python objects other than tensors and plain values; this toolkit loads "
+                   "checkpoints with weights_only=True and never unpickles arbitrary code")
+        else:
+            why = f"{type(e).__name__}: {first}"
+        raise CheckpointError(f"{what} {path!r} is not a readable PyTorch checkpoint ({why}); expected "
+                              f"{expected}") from None

@@ -133,28 +133,43 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
 
 
-def from_dict(cls: Type[T], data: Any, where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and mistyped values."""
+def join_key(where: str, name: str) -> str:
+    """The dotted key of ``name`` inside section ``where`` ("" at the top level)."""
+    return f"{where}.{name}" if where else name
+
+
+def from_dict(cls: Type[T], data: Any, where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and mistyped values; every
+    section is validated, given or not (``where``: the section's dotted key, "" at the top)."""
+    label = where or "config"
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{label}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {names}")
+        import difflib
+
+        close = [join_key(where, m) for u in unknown for m in difflib.get_close_matches(u, names, n=1)]
+        raise ConfigError(f"unknown key(s) {', '.join(join_key(where, u) for u in unknown)}"
+                          + (f" (did you mean {', '.join(close)}?)" if close else "")
+                          + f"; allowed in {label}: {', '.join(names)}")
     data = dict(data)
     for f in dataclasses.fields(cls):
-        # a nested section keeps the parent's defaults for it (e.g. a job's own TrainConfig values)
-        if f.name in data and dataclasses.is_dataclass(hints[f.name]) and f.default_factory is not dataclasses.MISSING \
-                and isinstance(data[f.name], Mapping):
-            data[f.name] = deep_merge(dataclasses.asdict(f.default_factory()), data[f.name])
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        # a nested section keeps the parent's defaults for it (e.g. a job's own TrainConfig values),
+        # and an absent one is built (and validated) from them
+        if dataclasses.is_dataclass(hints[f.name]) and f.default_factory is not dataclasses.MISSING:
+            if f.name not in data:
+                data[f.name] = dataclasses.asdict(f.default_factory())
+            elif isinstance(data[f.name], Mapping):
+                data[f.name] = deep_merge(dataclasses.asdict(f.default_factory()), data[f.name])
+    kwargs = {k: _coerce(v, hints[k], join_key(where, k)) for k, v in data.items()}
     try:
         obj = cls(**kwargs)
     except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{label}: {e}") from None
     check = getattr(obj, "validate", None)
     if callable(check):
         check(where)
@@ -171,9 +186,11 @@ def load_config(cls: Type[T], path: Optional[Union[str, os.PathLike]], overrides
     return from_dict(cls, apply_overrides(data, overrides))
 
 
-def save_config(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """Write the resolved config atomically (the run's record of what it ran)."""
+def save_config(obj: Any, path: Union[str, os.PathLike], header: Sequence[str] = ()) -> None:
+    """Write the resolved config atomically (the run's record of what it ran); ``header`` lines
+    become YAML comments, so the file still loads as a config (``--config run/config.yaml``)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(f"# {line}\n" for line in header)
         yaml.safe_dump(to_dict(obj), f, sort_keys=False)
     os.replace(tmp, path)

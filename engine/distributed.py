@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -28,7 +30,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine; use device=cpu or auto")
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine; allowed here: auto, cpu")
     dev = torch.device(name)
     return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
 

@@ -1,70 +1,256 @@
 """What every training entry point (``python -m pretrain``, ``python -m finetune``) does around
-the loop: start the process group, seed, pick the run directory, write the run's record files
-(resolved config, curriculum plan and plot) and turn user errors into exit codes."""
+the loop: start the process group, seed, settle the global batch, open the run directory and its
+``log.txt``, find (and check) the checkpoint a run continues from, write the run's record files
+(resolved config with the command and git commit, curriculum plan and plot), and the command line
+itself (``--help``, ``--print-config``, ``--dry-run``, exit codes)."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
+import shlex
+import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, TextIO, Type
 
 import torch
+import yaml
 
-from efficienttrain.curriculum import Curriculum, CurriculumError, Plan
+from efficienttrain.curriculum import Curriculum, Plan
 from efficienttrain.plot import plot_curriculum
 
-from .config import ConfigError, load_config, save_config
-from .data import DataError
-from .distributed import DistInfo, init_distributed
-from .trainer import NonFiniteLossError
+from .config import load_config, save_config, to_dict
+from .distributed import DistInfo, cleanup, init_distributed
+from .errors import run_cli
+from .resume import Resume, find_resume
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start_run(cfg: Any, run_name: str) -> Tuple[DistInfo, Callable[..., None], str]:
-    """(dist info, a ``print`` that only rank 0 executes, absolute run directory) for ``cfg``
-    (a config with a ``train`` section: device, seed, output_dir); seeds torch and ``random``
-    per rank."""
-    dist = init_distributed(cfg.train.device)
-    log = print if dist.is_main else (lambda *a, **k: None)
-    torch.manual_seed(cfg.train.seed + dist.rank)
-    random.seed(cfg.train.seed + dist.rank)
-    run_dir = os.path.abspath(cfg.train.output_dir or os.path.join("runs", run_name))
-    return dist, log, run_dir
+@dataclass
+class RunOptions:
+    """How the command line asked for the run: ``dry_run`` (check everything, print the plan,
+    train nothing, write nothing) and the command, recorded beside the resolved config."""
+
+    dry_run: bool = False
+    command: str = ""
 
 
-def write_run_files(cfg: Any, cur: Curriculum, plan: Plan, run_dir: str) -> float:
-    """Rank 0's record of a run: ``config.yaml`` (resolved), ``curriculum.png`` and ``plan.json``.
-    Returns the baseline epochs the plot compares against (``curriculum.baseline_epochs`` or the
-    budget)."""
-    os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    baseline = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs
-    plot_curriculum(cur, os.path.join(run_dir, "curriculum.png"), cfg.curriculum.epochs, baseline)
-    with open(os.path.join(run_dir, "plan.json"), "w") as f:
-        json.dump({"curriculum": cur.to_dict(), "budget_epochs": plan.epochs, "dataset_size": plan.dataset_size,
-                   "rows": plan.rows()}, f, indent=2)
-    return baseline
+class _Tee:
+    """A text stream that also appends to the run's ``log.txt`` (progress-bar redraws excluded)."""
+
+    def __init__(self, stream: TextIO, log: TextIO, skip_redraws: bool) -> None:
+        self.stream, self.log, self.skip_redraws = stream, log, skip_redraws
+
+    def write(self, text: str) -> int:
+        n = self.stream.write(text)
+        if not (self.skip_redraws and ("\r" in text or text == "\n")):
+            self.log.write(text)
+            self.log.flush()
+        return n
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
-def cli_main(prog: str, description: str, schema: Type, run: Callable[[Any, str], Dict], default_name: str,
-             config_help: str, overrides_help: str, argv: Optional[List[str]] = None,
-             user_errors: Tuple[Type[BaseException], ...] = ()) -> int:
-    """``prog --config CONFIG [key=value ...]``: load and check the config, ``run(cfg, name)``
-    (name: the config file's stem). Exit 2 with the message on bad input (config, curriculum,
-    missing files and ``user_errors``), 1 when training stopped on a non-finite loss."""
-    ap = argparse.ArgumentParser(prog=prog, description=description)
-    ap.add_argument("--config", help=config_help)
-    ap.add_argument("overrides", nargs="*", help=overrides_help)
-    args = ap.parse_args(argv)
+def git_commit(path: str = REPO) -> str:
+    """``<sha>`` (``+dirty`` with uncommitted changes) of the checkout holding the code, or why not."""
     try:
-        cfg = load_config(schema, args.config, args.overrides)
-        name = os.path.splitext(os.path.basename(args.config))[0] if args.config else default_name
-        run(cfg, name)
-    except (ConfigError, CurriculumError, DataError, FileNotFoundError, *user_errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+        sha = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return "unknown (not a git checkout)"
+        dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git is not available)"
+
+
+class Run:
+    """One invocation of a training entry point, as a context manager.
+
+    On entry: process group, seeds (per rank), ``train.per_gpu_batch_size`` turned into the global
+    ``train.batch_size``, the run directory and (rank 0, not in a dry run) ``log.txt`` receiving
+    everything printed. On exit: the error (if any) is appended to ``log.txt``, the streams are
+    restored and the process group is torn down."""
+
+    def __init__(self, cfg: Any, run_name: str, opts: Optional[RunOptions] = None) -> None:
+        self.cfg, self.opts = cfg, opts or RunOptions()
+        self.dist: DistInfo = init_distributed(cfg.train.device)
+        self.log: Callable[..., None] = print if self.dist.is_main else (lambda *a, **k: None)
+        torch.manual_seed(cfg.train.seed + self.dist.rank)
+        random.seed(cfg.train.seed + self.dist.rank)
+        self.dir = os.path.abspath(cfg.train.output_dir or os.path.join("runs", run_name))
+        self.resume: Optional[Resume] = None
+        self._log_file: Optional[TextIO] = None
+        self._streams = (sys.stdout, sys.stderr)
+        self.global_batch = settle_batch_size(cfg.train, self.dist.world_size)
+
+    def __enter__(self) -> "Run":
+        if self.dist.is_main and not self.opts.dry_run:
+            os.makedirs(self.dir, exist_ok=True)
+            self._log_file = open(os.path.join(self.dir, "log.txt"), "a", encoding="utf-8")
+            self._log_file.write(f"\n===== {datetime.datetime.now().isoformat(timespec='seconds')} "
+                                 f"{self.opts.command or '(called from Python)'}\n")
+            sys.stdout = _Tee(sys.stdout, self._log_file, skip_redraws=False)
+            sys.stderr = _Tee(sys.stderr, self._log_file, skip_redraws=True)
+        self.log(f"run directory: {self.dir}" + (" (dry run: nothing is written)" if self.opts.dry_run else ""))
+        self.log(self.global_batch)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._log_file is not None:
+            if exc is not None:
+                import traceback
+
+                from .errors import USER_ERRORS
+
+                text = f"error: {exc}\n" if isinstance(exc, USER_ERRORS) else "".join(
+                    traceback.format_exception(exc_type, exc, tb))
+                self._log_file.write(text)
+            sys.stdout, sys.stderr = self._streams
+            self._log_file.close()
+            self._log_file = None
+        cleanup(self.dist)
+
+    def find_resume(self, config: Dict[str, Any]) -> Optional[Resume]:
+        """The checkpoint this run continues from, loaded and checked against ``config`` (the
+        resolved config as a dict) before anything expensive happens; None for a fresh start."""
+        self.resume = find_resume(self.cfg.train, self.dir, config)
+        if self.resume is not None:
+            pos = self.resume.state["meta"]["position"]
+            self.log(f"{'would resume' if self.opts.dry_run else 'resuming'} from {self.resume.path} "
+                     f"(step {pos['step']}/{pos['total_steps']}); its settings match this config")
+        elif self.cfg.train.resume == "never" and os.path.isdir(os.path.join(self.dir, "checkpoints")):
+            self.log(f"train.resume=never: starting over in {self.dir} (its checkpoints will be replaced)")
+        return self.resume
+
+    def write_files(self, cur: Curriculum, plan: Plan) -> None:
+        """Rank 0's record of the run: the resolved config (``config.yaml``; a resumed run writes
+        ``config.resume-N.yaml`` beside it, never over it) headed by the command and git commit,
+        ``curriculum.png`` and ``plan.json``."""
+        if not self.dist.is_main or self.opts.dry_run:
+            return
+        cfg = self.cfg
+        name = "config.yaml"
+        if self.resume is not None and os.path.isfile(os.path.join(self.dir, name)):
+            n = 1
+            while os.path.exists(os.path.join(self.dir, f"config.resume-{n}.yaml")):
+                n += 1
+            name = f"config.resume-{n}.yaml"
+        header = [f"command: {self.opts.command or '(called from Python)'}", f"git: {git_commit()}",
+                  f"written: {datetime.datetime.now().isoformat(timespec='seconds')}"]
+        if self.resume is not None:
+            header.append(f"resumed from: {self.resume.path} at step {self.resume.state['meta']['position']['step']}")
+        save_config(cfg, os.path.join(self.dir, name), header=header)
+        baseline = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs
+        plot_curriculum(cur, os.path.join(self.dir, "curriculum.png"), cfg.curriculum.epochs, baseline)
+        with open(os.path.join(self.dir, "plan.json"), "w") as f:
+            json.dump({"curriculum": cur.to_dict(), "budget_epochs": plan.epochs, "dataset_size": plan.dataset_size,
+                       "rows": plan.rows()}, f, indent=2)
+
+
+def settle_batch_size(train: Any, world_size: int) -> str:
+    """Set ``train.batch_size`` from ``train.per_gpu_batch_size`` when given (MAE / timm count per
+    process and micro-step) and return the line that says how the global batch splits."""
+    if train.per_gpu_batch_size is not None:
+        train.batch_size = train.per_gpu_batch_size * world_size * train.accum_steps
+    per = train.batch_size / (world_size * train.accum_steps)
+    per_txt = f"{int(per)}" if per == int(per) else f"{per:g} (not a whole number: see the error below)"
+    return (f"global batch {train.batch_size} = {per_txt} per process x {world_size} process(es) x "
+            f"{train.accum_steps} accumulation step(s)" +
+            (" (from train.per_gpu_batch_size)" if train.per_gpu_batch_size is not None else ""))
+
+
+# MAE / timm / DeiT flags a user types out of habit, and the key that does the same here
+_HABIT_FLAGS = {
+    "output_dir": "train.output_dir", "log_dir": "train.output_dir", "resume": "train.resume",
+    "batch_size": "train.per_gpu_batch_size", "accum_iter": "train.accum_steps", "epochs": "curriculum.epochs",
+    "warmup_epochs": "train.warmup_epochs", "blr": "train.blr", "lr": "train.lr", "min_lr": "train.min_lr",
+    "weight_decay": "train.weight_decay", "clip_grad": "train.clip_grad", "seed": "train.seed",
+    "device": "train.device", "num_workers": "data.num_workers", "data_path": "data.path",
+    "input_size": "model.img_size", "mask_ratio": "model.mask_ratio", "model": "model.arch",
+    "finetune": "model.checkpoint", "nb_classes": "model.num_classes", "drop_path": "model.drop_path",
+    "layer_decay": "model.layer_decay", "smoothing": "data.smoothing", "mixup": "data.mixup",
+    "cutmix": "data.cutmix", "reprob": "data.reprob", "global_pool": "model.global_pool",
+}
+_HABIT_SPECIAL = {
+    "norm_pix_loss": "model.target=norm_pixel", "eval": "mode=eval",
+    "start_epoch": "nothing: a resumed run continues at its checkpoint's step",
+    "dist_eval": "nothing: evaluation is always sharded over the processes",
+    "pin_mem": "nothing: pinned memory is on whenever it helps",
+}
+
+
+def _flag_hint(schema: Type, flag: str, value: Optional[str]) -> str:
+    """The message for an unknown ``--flag``: the config key it probably means, or what exists."""
+    name = flag.lstrip("-").split("=", 1)[0].replace("-", "_")
+    keys = set(_all_keys(schema))
+    target = _HABIT_FLAGS.get(name)
+    if name == "model" and "model.name" in keys:
+        target = "model.name"
+    if target in keys:
+        return (f"{flag} is not an option here: settings are config keys given as key=value; use "
+                f"{target}={value if value is not None else '...'}")
+    if name in _HABIT_SPECIAL:
+        return f"{flag} is not an option here; use {_HABIT_SPECIAL[name]}"
+    if name in keys or any(k.endswith("." + name) for k in keys):
+        match = name if name in keys else next(k for k in sorted(keys) if k.endswith("." + name))
+        return f"{flag} is not an option here: settings are config keys given as key=value; use {match}=..."
+    return (f"unknown option {flag}; options: --config, --print-config, --dry-run, -h/--help; settings are "
+            f"key=value overrides (see --help for the sections and docs/config.md for every key)")
+
+
+def _all_keys(schema: Type) -> List[str]:
+    from .resume import flatten
+
+    return list(flatten(to_dict(schema())))
+
+
+def cli_main(prog: str, description: str, schema: Type, run: Callable[..., Dict], default_name: str,
+             config_help: str, overrides_help: str, argv: Optional[List[str]] = None) -> int:
+    """``prog --config CONFIG [--print-config | --dry-run] [key=value ...]``: load and check the
+    config, then ``run(cfg, name, RunOptions)`` (name: the config file's stem). Exit 2 with the
+    message on a user error (see engine.errors), 1 when training stopped on a non-finite loss."""
+    from .config_doc import sections_summary
+
+    ap = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config sections and their keys (set any of them as key=value, e.g. train.blr=1e-4):\n"
+               + sections_summary(schema))
+    ap.add_argument("--config", help=config_help)
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (file + overrides, checked) as YAML and exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check everything (config, curriculum, batch splits, resume checkpoint, data), print "
+                         "the plan and exit without training or writing anything")
+    ap.add_argument("overrides", nargs="*", help=overrides_help)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = ap.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0]
+        i = argv.index(flag)
+        value = flag.split("=", 1)[1] if "=" in flag else (
+            argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None)
+        print(f"{prog}: error: {_flag_hint(schema, flag, value)}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    command = " ".join([prog, *map(shlex.quote, argv)])
+
+    def main() -> None:
+        cfg = load_config(schema, args.config, args.overrides)
+        if args.print_config:
+            print(f"# {command}")
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return
+        name = os.path.splitext(os.path.basename(args.config))[0] if args.config else default_name
+        run(cfg, name, RunOptions(dry_run=args.dry_run, command=command))
+
+    return run_cli(main)
+

@@ -27,7 +27,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Protocol, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,11 +36,12 @@ import torch.nn as nn
 from efficienttrain.curriculum import Plan, PlannedStage, StepInfo
 from efficienttrain.replay import ReplayBuffer
 
-from .checkpoint import CheckpointWriter, atomic_save, atomic_write_json, find_latest, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, CheckpointWriter, atomic_save, atomic_write_json, save_checkpoint
 from .config import ConfigError
 from .distributed import DistInfo, all_reduce_sum_
 from .optim import no_weight_decay
 from .plots import plot_eval_curve
+from .resume import Resume, find_resume
 from .speed import RunTiming, StageTiming, format_saving, measured_saving
 
 
@@ -49,34 +50,41 @@ class TrainConfig:
     """Optimisation and run settings shared by every job."""
 
     batch_size: int = 4096                 # global samples per optimizer step (all ranks, all micro-steps)
+    per_gpu_batch_size: Optional[int] = None   # MAE / timm style: samples per process per micro-step; when set,
+                                           # batch_size = per_gpu_batch_size x processes x accum_steps
     accum_steps: int = 1                   # gradient-accumulation micro-steps per optimizer step
     blr: float = 1.5e-4                    # base LR; lr = blr * batch_size / 256 unless lr is set
-    lr: Optional[float] = None
-    min_lr: float = 0.0
-    warmup_epochs: float = 40.0            # in budget epochs
-    weight_decay: float = 0.05
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    clip_grad: Optional[float] = None
+    lr: Optional[float] = None             # absolute peak LR; overrides blr when set (null: blr * batch_size / 256)
+    min_lr: float = 0.0                    # LR at the end of the cosine decay (the schedule's floor)
+    warmup_epochs: float = 40.0            # linear LR warmup from 0, in budget epochs; then cosine decay to min_lr
+    weight_decay: float = 0.05             # AdamW / LARS weight decay (none on norms, biases, tokens, pos. embeddings)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])   # AdamW (beta1, beta2)
+    clip_grad: Optional[float] = None      # max gradient norm before each optimizer step (null: no clipping)
     amp: str = "auto"                      # auto (bf16 on capable GPUs, else fp16; off on CPU) | bf16 | fp16 | off
     compile: bool = False                  # torch.compile the model (static shapes: one graph per curriculum size)
     compile_backend: str = "inductor"      # torch.compile backend (inductor; eager / aot_eager to debug)
     compile_recompile_limit: Optional[int] = None   # graphs per compiled frame (default: fits the curriculum)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0                          # random seed: model init, sample order, crops and augmentation
+    device: str = "auto"                   # auto (the local GPU if CUDA is available, else cpu) | cpu | cuda | cuda:N
     output_dir: str = ""                   # run directory (default: runs/<config name>)
     resume: str = "auto"                   # auto (continue from output_dir if possible) | never | path to a checkpoint
-    save_every_steps: int = 0              # 0: only at stage ends and the end
+    resume_allow: List[str] = field(default_factory=list)  # keys (or sections) a resume may change beyond the
+                                           # always-allowed ones (logging, workers, max_steps, ...), e.g. [train.blr]
+    save_every_steps: int = 0              # also checkpoint every N steps (0: only at stage ends and the end)
     eval_every_steps: int = 0              # tasks that evaluate: also every N steps (always at stage ends and the end)
-    keep_last: int = 3
-    log_every: int = 10
+    keep_last: int = 3                     # numbered checkpoints kept (besides latest and best); 0: all
+    log_every: int = 10                    # log loss, LR, images/s (metrics.jsonl, TensorBoard, bar) every N steps
     max_steps: Optional[int] = None        # stop early after this many optimizer steps (debugging, tests)
-    progress: bool = True
+    progress: bool = True                  # progress bar on the main process (false for batch jobs / log files)
 
     def validate(self, where: str) -> None:
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"{where}.amp: {self.amp!r} is not allowed; allowed: auto, bf16, fp16, off")
         if self.batch_size < 1 or self.accum_steps < 1:
-            raise ConfigError(f"{where}: batch_size and accum_steps must be >= 1")
+            raise ConfigError(f"{where}: batch_size and accum_steps must be >= 1, got batch_size={self.batch_size}, "
+                              f"accum_steps={self.accum_steps}")
+        if self.per_gpu_batch_size is not None and self.per_gpu_batch_size < 1:
+            raise ConfigError(f"{where}.per_gpu_batch_size must be >= 1 (or null), got {self.per_gpu_batch_size}")
         if len(self.betas) != 2:
             raise ConfigError(f"{where}.betas must be two numbers, got {self.betas}")
 
@@ -199,20 +207,17 @@ class CurriculumTrainer:
                  run_dir: str, config_dict: Dict[str, Any], dataset_size: int,
                  log: Callable[[str], None] = print,
                  optimizer: Optional[torch.optim.Optimizer] = None,
-                 baseline_epochs: Optional[float] = None) -> None:
+                 baseline_epochs: Optional[float] = None,
+                 resume: Union[Resume, None, str] = "find") -> None:
+        """``resume``: the checkpoint an entry point already found and checked (``find_resume``),
+        None to start fresh, or "find" to look for it here (``train.resume``)."""
         self.cfg, self.task, self.plan, self.dist = cfg, task, plan, dist
+        self._resume = resume
         self.run_dir, self.config_dict, self.n = run_dir, config_dict, dataset_size
         self.baseline_epochs = baseline_epochs if baseline_epochs is not None else plan.epochs
         self.log = log if dist.is_main else (lambda msg: None)
         self.model = model.to(dist.device)
-        for ps in plan.stages:
-            if ps.loader_batch_size % (dist.world_size * ps.accum_steps):
-                raise ConfigError(
-                    f"stage {ps.index}: loader batch {ps.loader_batch_size} (batch {ps.batch_size} / replay "
-                    f"{ps.stage.replay_times}) is not divisible by world size {dist.world_size} x accum_steps "
-                    f"{ps.accum_steps}; choose a batch size that is")
-            if ps.stage.replay_times > 1:
-                self.replay_chunks(ps)          # fail before training, not at the stage
+        check_plan_fits(plan, dist.world_size, getattr(task, "replay_chunks", 32))   # fail before training
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
                     if dist.enabled else self.model)
         self.forward_model = self._compiled(self.ddp) if cfg.compile else self.ddp
@@ -278,8 +283,13 @@ class CurriculumTrainer:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:   # reached only when train.resume_allow let it through
+            raise CheckpointError(f"the resume checkpoint's model or optimizer does not fit this run's "
+                                  f"({type(e).__name__}: {str(e).strip().splitlines()[0]}); a changed architecture "
+                                  "cannot continue a run: use a new train.output_dir") from None
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.bad_samples = int(state.get("bad_samples", 0))
@@ -303,23 +313,20 @@ class CurriculumTrainer:
         return pos
 
     def maybe_resume(self) -> bool:
-        cfg = self.cfg
-        if cfg.resume == "never":
+        """Continue from the checkpoint ``train.resume`` names (settings checked by
+        :func:`engine.resume.find_resume`); the plan must have the same steps (the dataset, which the
+        settings cannot show, may not have changed size)."""
+        res = find_resume(self.cfg, self.run_dir, self.config_dict) if self._resume == "find" else self._resume
+        if res is None:
             return False
-        path = find_latest(self.ckpt_dir) if cfg.resume == "auto" else cfg.resume
-        if path is None:
-            return False
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"resume checkpoint {path!r} does not exist")
-        state = load_checkpoint(path)
-        saved = state["meta"]["position"]["total_steps"]
+        saved = res.state["meta"]["position"]["total_steps"]
         if saved != self.plan.total_steps:
             raise ConfigError(
-                f"cannot resume from {path}: it belongs to a plan of {saved} steps, this config gives "
-                f"{self.plan.total_steps} (curriculum, budget, dataset or batch size changed); use a new "
-                f"output_dir or resume=never")
-        self.load_state_dict(state)
-        self.log(f"resumed from {path} at step {self.step}/{self.plan.total_steps}")
+                f"cannot resume from {res.path}: it belongs to a plan of {saved} steps, this run's plan has "
+                f"{self.plan.total_steps} with the same settings, so the dataset changed size (now {self.n} "
+                f"samples); use the run's data, a new train.output_dir, or train.resume=never to start over")
+        self.load_state_dict(res.state)
+        self.log(f"resumed from {res.path} at step {self.step}/{self.plan.total_steps}")
         return True
 
     def save(self, best: bool = False) -> None:
@@ -339,24 +346,31 @@ class CurriculumTrainer:
 
     # ---- metrics -------------------------------------------------------------------------------
     def _open_logs(self) -> None:
+        """Open the metric logs at the current step: records a previous attempt wrote after it
+        (steps logged after its last checkpoint, which this run trains again) are dropped from
+        ``metrics.jsonl`` and purged from TensorBoard, so every step appears once."""
         if not self.dist.is_main:
             return
-        self._metrics_file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        truncate_metrics(path, self.step)
+        self._metrics_file = open(path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"))
+            self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self.step + 1)
         except ImportError:
             warnings.warn("tensorboard is not installed: no TensorBoard logs (JSON lines are written)")
 
-    def _write_metrics(self, rec: Dict[str, Any]) -> None:
+    def _write_metrics(self, rec: Dict[str, Any], section: str = "train") -> None:
+        """One JSON line; its numbers also go to TensorBoard under ``section/`` (train, eval)."""
         if self._metrics_file is not None:
             self._metrics_file.write(json.dumps(rec) + "\n")
             self._metrics_file.flush()
         if self._tb is not None:
             for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(f"train/{k}", v, rec["step"])
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    name = k[len("eval_"):] if section == "eval" and k.startswith("eval_") else k
+                    self._tb.add_scalar(f"{section}/{name}", v, rec["step"])
 
     def _close_logs(self) -> None:
         if self._metrics_file is not None:
@@ -590,7 +604,8 @@ class CurriculumTrainer:
             if summary["eval"]:
                 self.log("last evaluation: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["eval"].items()))
             atomic_write_json(summary, summary_path)
-        return {"step": self.step, "total_steps": total, "loss": self._last_loss, "bad_samples": self.bad_samples,
+        return {"step": self.step, "total_steps": total, "trained_steps": self.step - first_step,
+                "loss": self._last_loss, "bad_samples": self.bad_samples,
                 "best": self.best, "eval": self.last_eval, "speed": summary}
 
     def _release_ddp(self) -> None:
@@ -631,7 +646,7 @@ class CurriculumTrainer:
         if self.dist.is_main and metrics:
             rec = self.eval_record()
             self._write_metrics({"step": self.step, **rec, "budget": self.plan.budget_fraction(self.step),
-                                 "wall_s": self.timing.total_seconds})
+                                 "wall_s": self.timing.total_seconds}, section="eval")
             shown = ", ".join(f"{k} {v:.4g}" for k, v in rec.items())
             self.log(f"eval at step {self.step}: {shown}" + (" (best)" if improved else ""))
             first = next(iter(rec))
@@ -650,14 +665,60 @@ class CurriculumTrainer:
         return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
 
     def replay_chunks(self, ps: PlannedStage) -> int:
-        micro = ps.loader_batch_size // (self.dist.world_size * ps.accum_steps)
-        chunks = getattr(self.task, "replay_chunks", 32)
-        if micro % chunks:
-            raise ConfigError(f"stage {ps.index}: the per-process loader micro-batch {micro} (batch {ps.batch_size} / "
-                              f"replay {ps.stage.replay_times} / {self.dist.world_size} process(es) / accum "
-                              f"{ps.accum_steps}) is not divisible by data.replay_chunks={chunks}; choose batch "
-                              "sizes or data.replay_chunks so that it is")
-        return chunks
+        return check_stage_fits(ps, self.dist.world_size, getattr(self.task, "replay_chunks", 32))
+
+
+def check_stage_fits(ps: PlannedStage, world_size: int, replay_chunks: int) -> int:
+    """Raise :class:`ConfigError` when stage ``ps`` cannot be split over ``world_size`` processes
+    and its accumulation micro-steps (and, in a replay stage, into ``data.replay_chunks``
+    chunks); returns the replay chunks. Batch sizes do not depend on the dataset, so a plan for
+    any dataset size checks a run before its data is scanned."""
+    share = world_size * ps.accum_steps
+    what = f"batch {ps.batch_size}" + (f" / replay {ps.stage.replay_times}" if ps.stage.replay_times > 1 else "")
+    if ps.loader_batch_size % share:
+        raise ConfigError(
+            f"curriculum stage {ps.index} (size {ps.stage.size}): its loader batch {ps.loader_batch_size} ({what}) is "
+            f"not divisible by {world_size} process(es) x train.accum_steps={ps.accum_steps}; choose "
+            f"train.batch_size (or train.per_gpu_batch_size) so that every stage's batch divides evenly")
+    micro = ps.loader_batch_size // share
+    if ps.stage.replay_times > 1 and micro % replay_chunks:
+        raise ConfigError(
+            f"curriculum stage {ps.index} (size {ps.stage.size}, replay {ps.stage.replay_times}): the per-process "
+            f"loader micro-batch {micro} ({what} / {world_size} process(es) / accum {ps.accum_steps}) is not "
+            f"divisible by data.replay_chunks={replay_chunks}; allowed: a data.replay_chunks that divides {micro}, "
+            f"or batch sizes that make it divisible")
+    return replay_chunks
+
+
+def check_plan_fits(plan: Plan, world_size: int, replay_chunks: int) -> None:
+    """:func:`check_stage_fits` for every stage of ``plan``."""
+    for ps in plan.stages:
+        check_stage_fits(ps, world_size, replay_chunks)
+
+
+def truncate_metrics(path: str, step: int) -> int:
+    """Keep the JSON lines of ``path`` up to optimizer step ``step`` (atomically); returns how many
+    were dropped. A torn last line (a killed writer) is dropped too."""
+    if not os.path.isfile(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return dropped
 
 
 def _to_tuple(x: Any) -> Any:

@@ -90,14 +90,15 @@ class KNNConfig:
     """``eval.knn`` of a pretraining config: a labelled bank (train) and query set (val), both
     ImageFolder trees; empty ``train`` turns the monitor off."""
 
-    train: str = ""                 # ImageFolder with the kNN bank (e.g. /data/imagenet/train; "{data.path}/train")
+    train: str = ""                 # ImageFolder with the kNN bank (e.g. /data/imagenet/train; "{data.path}/train");
+                                    # empty: the monitor is off
     val: str = ""                   # ImageFolder with the queries (same class folders)
-    k: int = 20
-    temperature: float = 0.07
+    k: int = 20                     # neighbours that vote
+    temperature: float = 0.07       # vote weight: exp(cosine similarity / temperature)
     feature: str = "cls"            # cls (normed cls token) | avgpool (mean of normed patch tokens)
     img_size: Optional[int] = None  # default: the model's final size
     crop_pct: float = 0.875         # evaluation transform: resize to img_size / crop_pct, centre crop
-    batch_size: int = 256
+    batch_size: int = 256           # images per feature-extraction batch (per process)
     max_train: int = 0              # > 0: a fixed seeded subset of the bank (cheaper evaluations)
     max_val: int = 0                # > 0: a fixed seeded subset of the queries
 

@@ -29,6 +29,7 @@ from engine.checkpoint import atomic_write_json, load_checkpoint
 from engine.config import ConfigError, load_config, save_config
 from engine.data import EvalDataset, check_same_classes, eval_transform, image_folder
 from engine.distributed import DistInfo, resolve_device
+from engine.errors import RunFailed, run_cli
 
 from .knn import extract_features, knn_accuracy
 from .probe import linear_probe
@@ -165,7 +166,7 @@ def _finetune(encoder: str, meta: Dict[str, Any], train: str, val: str, epochs: 
     with open(os.path.join(out, "finetune.log"), "a", encoding="utf-8") as logf:
         rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        raise RuntimeError(f"the fine-tune of {encoder} failed (exit {rc}); see {os.path.join(out, 'finetune.log')}")
+        raise RunFailed(f"the fine-tune of {encoder} failed (exit {rc}); see {os.path.join(out, 'finetune.log')}")
     with open(os.path.join(out, "summary.json"), "r", encoding="utf-8") as f:
         summary = json.load(f)
     ev = summary.get("eval") or {}
@@ -191,16 +192,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of the fine-tuning config (repeatable), e.g. train.batch_size=128")
     args = ap.parse_args(argv)
-    try:
-        res = evaluate_run(args.run_dir, args.data, not args.no_knn, not args.no_probe, args.finetune_epochs,
-                           args.finetune_set, args.finetune_config, args.k, args.temperature, args.feature,
-                           args.batch_size, args.workers, args.probe_epochs, args.device)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    res: dict = {}
+
+    def main_() -> None:
+        res.update(evaluate_run(args.run_dir, args.data, not args.no_knn, not args.no_probe, args.finetune_epochs,
+                                args.finetune_set, args.finetune_config, args.k, args.temperature, args.feature,
+                                args.batch_size, args.workers, args.probe_epochs, args.device))
+
+    rc = run_cli(main_)
+    if rc:
+        return rc
     done = [k for k, on in (("knn", not args.no_knn), ("probe", not args.no_probe),
                             ("finetune", args.finetune_epochs > 0)) if on]
     for key in done:

@@ -30,7 +30,8 @@ import torch
 import yaml
 
 from engine.checkpoint import atomic_write_json
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, join_key, load_config
+from engine.errors import RunFailed
 
 KINDS = ("pretrain", "supervised")
 
@@ -96,35 +97,35 @@ class StudyConfig:
 
     def validate(self, where: str) -> None:
         if not self.name:
-            raise ConfigError(f"{where}.name is required (it names the output folder and the report)")
+            raise ConfigError(f"{join_key(where, 'name')} is required (it names the output folder and the report)")
         if self.kind not in KINDS:
-            raise ConfigError(f"{where}.kind: {self.kind!r} is not allowed; allowed: {', '.join(KINDS)}")
+            raise ConfigError(f"{join_key(where, 'kind')}: {self.kind!r} is not allowed; allowed: {', '.join(KINDS)}")
         if not self.config or not os.path.isfile(self.config):
-            raise ConfigError(f"{where}.config: {self.config!r} is not a file; give the base training YAML, "
+            raise ConfigError(f"{join_key(where, 'config')}: {self.config!r} is not a file; give the base training YAML, "
                               "relative to the working directory")
         for sub in ("train", "val"):
             if not os.path.isdir(os.path.join(self.data, sub)):
-                raise ConfigError(f"{where}.data: {os.path.join(self.data, sub)!r} is not a folder; data must be an "
+                raise ConfigError(f"{join_key(where, 'data')}: {os.path.join(self.data, sub)!r} is not a folder; data must be an "
                                   "ImageFolder root with train/ and val/")
         classes = [sorted(e.name for e in os.scandir(os.path.join(self.data, sub)) if e.is_dir())
                    for sub in ("train", "val")]
         if classes[0] != classes[1] or not classes[0]:
-            raise ConfigError(f"{where}.data: train/ and val/ must have the same (non-empty) class folders; only in "
+            raise ConfigError(f"{join_key(where, 'data')}: train/ and val/ must have the same (non-empty) class folders; only in "
                               f"train: {sorted(set(classes[0]) - set(classes[1]))[:5]}, only in val: "
                               f"{sorted(set(classes[1]) - set(classes[0]))[:5]}")
         if not self.arms:
-            raise ConfigError(f"{where}.arms: give at least one arm (the one with baseline: true is the reference)")
+            raise ConfigError(f"{join_key(where, 'arms')}: give at least one arm (the one with baseline: true is the reference)")
         names = [a.name for a in self.arms]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ConfigError(f"{where}.arms: duplicate arm names {dup}")
+            raise ConfigError(f"{join_key(where, 'arms')}: duplicate arm names {dup}")
         if sum(a.baseline for a in self.arms) != 1:
-            raise ConfigError(f"{where}.arms: exactly one arm must have baseline: true (the reference of the "
+            raise ConfigError(f"{join_key(where, 'arms')}: exactly one arm must have baseline: true (the reference of the "
                               f"measured speedup), got {sum(a.baseline for a in self.arms)}")
         if not self.seeds or any(not isinstance(s, int) for s in self.seeds):
-            raise ConfigError(f"{where}.seeds must be a non-empty list of integers")
+            raise ConfigError(f"{join_key(where, 'seeds')} must be a non-empty list of integers")
         if self.nproc < 1:
-            raise ConfigError(f"{where}.nproc must be >= 1, got {self.nproc}")
+            raise ConfigError(f"{join_key(where, 'nproc')} must be >= 1, got {self.nproc}")
 
     def out(self) -> str:
         return self.output_dir or os.path.join("runs", "study", self.name)
@@ -169,7 +170,8 @@ def check_arms(study: StudyConfig) -> None:
         try:
             cfg = load_config(schema, study.config, overrides)
             multiple = cfg.curriculum.multiple_of or getattr(cfg.model, "patch", None) or 32
-            get_curriculum(cfg.curriculum.name, cfg.model.img_size, multiple)
+            # a fine-tuning img_size left at null comes from the checkpoint when the run starts
+            get_curriculum(cfg.curriculum.name, cfg.model.img_size or 224, multiple)
         except (ConfigError, CurriculumError) as e:
             raise ConfigError(f"arm {arm.name!r} (overrides {arm.overrides}): {e}") from None
 
@@ -272,7 +274,7 @@ def run_arm(study: StudyConfig, arm: ArmConfig, seed: int, log: Callable[[str], 
     with open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8") as logf:
         rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        raise RuntimeError(f"arm {arm.name!r} seed {seed} failed (exit {rc}); see {os.path.join(run_dir, 'train.log')}. "
+        raise RunFailed(f"arm {arm.name!r} seed {seed} failed (exit {rc}); see {os.path.join(run_dir, 'train.log')}. "
                            "Rerunning the study resumes it.")
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Literal, Optional
 
-from engine.config import ConfigError
+from engine.config import ConfigError, join_key
 from engine.trainer import TrainConfig
 
 MODES = ("finetune", "linprobe", "train", "eval")
@@ -12,16 +12,26 @@ MODES = ("finetune", "linprobe", "train", "eval")
 
 @dataclass
 class ClassifierConfig:
-    name: str = "vit_base_patch16_224"    # any timm classification model
-    num_classes: int = 1000
-    img_size: int = 224                   # final (and evaluation) input size
-    drop_path: float = 0.1
+    name: str = "auto"                    # any timm classification model; auto: the architecture recorded in
+                                          # model.checkpoint (ours), else vit_base_patch16_224
+    num_classes: int = 1000               # classes of the new head (must match the class folders)
+    img_size: Optional[int] = None        # final (and evaluation) input size; null: model.checkpoint's, else 224
+    drop_path: float = 0.1                # stochastic depth rate (timm drop_path_rate)
     global_pool: str = "avg"              # ViTs: avg + fc_norm (MAE fine-tuning) or token (linear probing)
     checkpoint: str = ""                  # pretrained weights: our MAE / fine-tuned checkpoints or official MAE files
     layer_decay: float = 0.75             # layer-wise lr decay for ViTs (1.0 = off)
     kwargs: Dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments
 
     def validate(self, where: str) -> None:
+        import timm
+
+        if self.name != "auto" and not timm.is_model(self.name):
+            import difflib
+
+            close = difflib.get_close_matches(self.name, timm.list_models(), n=4, cutoff=0.75)
+            raise ConfigError(f"{where}.name: {self.name!r} is not a timm model; allowed: auto (the architecture "
+                              f"model.checkpoint records) or any name of timm.list_models()"
+                              + (f"; did you mean {', '.join(close)}?" if close else ""))
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"{where}.layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.num_classes < 1:
@@ -31,18 +41,18 @@ class ClassifierConfig:
 @dataclass
 class ClassifierDataConfig:
     path: str = ""                        # root holding train/ and val/ in ImageFolder layout
-    train_dir: str = "train"
-    val_dir: str = "val"
-    num_workers: int = 8
+    train_dir: str = "train"              # training ImageFolder tree, relative to path
+    val_dir: str = "val"                  # validation ImageFolder tree, relative to path
+    num_workers: int = 8                  # loader worker processes per training process (0: load in the main process)
     randaug: str = "rand-m9-mstd0.5-inc1" # timm RandAugment spec; its m is replaced by the curriculum's per step
     scale: Any = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop scale
-    hflip: float = 0.5
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    smoothing: float = 0.1
+    hflip: float = 0.5                    # horizontal flip probability
+    mixup: float = 0.8                    # mixup alpha (0: off)
+    cutmix: float = 1.0                   # CutMix alpha (0: off)
+    smoothing: float = 0.1                # label smoothing
     reprob: float = 0.25                  # random erasing probability (applied on the device)
     crop_pct: float = 0.875               # evaluation: resize to size / crop_pct, centre crop
-    lowfreq: Literal["fft", "downsample"] = "fft"
+    lowfreq: Literal["fft", "downsample"] = "fft"   # shrink to the stage size: fft (low-frequency crop) | downsample (bicubic)
     demo: bool = False                    # generate the bundled demo set at `path` if missing
 
     def validate(self, where: str) -> None:
@@ -55,26 +65,37 @@ class ClassifierDataConfig:
 @dataclass
 class FTCurriculumConfig:
     name: str = "baseline"                # baseline for MAE fine-tuning; et / etpp / a YAML file for supervised training
-    epochs: float = 100.0
+    epochs: float = 100.0                 # budget: epochs, or equivalent epochs at the final size
     multiple_of: Optional[int] = None     # default: 16 for patch models, 32 otherwise
-    baseline_epochs: Optional[float] = None
+    baseline_epochs: Optional[float] = None   # the baseline the saving is reported against (default: epochs)
+
+
+@dataclass
+class FTEvalConfig:
+    max_batches: Optional[int] = None     # validate on the first N batches only (quick checks); null: the whole set
+
+    def validate(self, where: str) -> None:
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ConfigError(f"{where}.max_batches must be >= 1 (or null for the whole validation set), "
+                              f"got {self.max_batches}")
 
 
 @dataclass
 class FinetuneConfig:
     mode: str = "finetune"                # finetune | linprobe | train | eval
     optimizer: str = "adamw"              # adamw | lars (linear probing, as MAE)
-    model: ClassifierConfig = field(default_factory=ClassifierConfig)
-    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
-    curriculum: FTCurriculumConfig = field(default_factory=FTCurriculumConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)   # the classifier and its pretrained weights
+    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)   # ImageFolder data and augmentation
+    curriculum: FTCurriculumConfig = field(default_factory=FTCurriculumConfig)   # the curriculum and the budget
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(   # optimisation, checkpoints, logging, resume
         batch_size=1024, blr=5e-4, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05, betas=[0.9, 0.999]))
+    eval: FTEvalConfig = field(default_factory=FTEvalConfig)   # validation
 
     def validate(self, where: str) -> None:
         if self.mode not in MODES:
-            raise ConfigError(f"{where}.mode: {self.mode!r} is not allowed; allowed: {', '.join(MODES)}")
+            raise ConfigError(f"{join_key(where, 'mode')}: {self.mode!r} is not allowed; allowed: {', '.join(MODES)}")
         if self.optimizer not in ("adamw", "lars"):
-            raise ConfigError(f"{where}.optimizer: {self.optimizer!r} is not allowed; allowed: adamw, lars")
+            raise ConfigError(f"{join_key(where, 'optimizer')}: {self.optimizer!r} is not allowed; allowed: adamw, lars")
         if self.mode in ("finetune", "linprobe", "eval") and not self.model.checkpoint:
-            raise ConfigError(f"{where}.model.checkpoint is required for mode {self.mode!r} "
+            raise ConfigError(f"{join_key(where, 'model.checkpoint')} is required for mode {self.mode!r} "
                               "(a pretraining/encoder checkpoint, or a fine-tuned one for eval)")

@@ -9,16 +9,17 @@ import torch
 import torch.nn as nn
 
 from efficienttrain.curriculum import get_curriculum
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.config import ConfigError, to_dict
 from engine.data import EvalDataset, check_same_classes, eval_transform, image_folder
-from engine.distributed import DistInfo, barrier, cleanup
+from engine.distributed import DistInfo, barrier
 from engine.optim import describe_groups, param_groups_layer_decay
-from engine.run import cli_main, start_run, write_run_files
-from engine.trainer import CurriculumTrainer
+from engine.run import Run, RunOptions, cli_main
+from engine.trainer import CurriculumTrainer, check_plan_fits
 
 from .config import FinetuneConfig
-from .models import classifier_depth, create_classifier, init_head, load_pretrained, make_linear_probe
+from .models import (classifier_depth, create_classifier, init_head, load_pretrained, make_linear_probe,
+                     resolve_architecture)
 from .task import ClassificationTask, evaluate
 
 
@@ -39,11 +40,11 @@ def build_optimizer(cfg: FinetuneConfig, model: nn.Module, dist: DistInfo) -> to
                              **({"fused": True} if dist.device.type == "cuda" else {}))
 
 
-def build_model(cfg: FinetuneConfig, log) -> nn.Module:
+def build_model(cfg: FinetuneConfig, log, ckpt: Optional[Dict] = None) -> nn.Module:
     m = cfg.model
     model = create_classifier(m, dynamic_size=cfg.mode == "train")
     if cfg.mode in ("finetune", "linprobe") or (cfg.mode == "train" and m.checkpoint):
-        report = load_pretrained(model, m.checkpoint)
+        report = load_pretrained(model, m.checkpoint, ckpt)
         log(f"loaded {m.checkpoint}: {report.summary()}")
         if cfg.mode == "finetune" and "head.weight" in report.initialised:
             init_head(model, std=2e-5)
@@ -52,72 +53,107 @@ def build_model(cfg: FinetuneConfig, log) -> nn.Module:
     return model
 
 
-def run(cfg: FinetuneConfig, run_name: str = "finetune") -> Dict:
-    dist, log, run_dir = start_run(cfg, run_name)
-    try:
-        d = cfg.data
-        if d.demo and dist.is_main:
-            from pretrain.demo_data import generate_demo_dataset
-
-            generate_demo_dataset(d.path)   # no-op when it is already there
-        barrier(dist)
-        val_files, val_labels, classes = image_folder(os.path.join(d.path, d.val_dir))
-        if len(classes) != cfg.model.num_classes:
-            raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but {d.path}/{d.val_dir} has "
-                              f"{len(classes)} classes; set model.num_classes={len(classes)}")
+def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptions] = None) -> Dict:
+    """Fine-tune, probe, train or evaluate as ``cfg`` says. The checkpoint, the architecture it
+    records, the model, the curriculum, the batch splits and the resume checkpoint are checked
+    before the data folders are scanned."""
+    t, d = cfg.train, cfg.data
+    with Run(cfg, run_name, opts) as r:
+        dist, log = r.dist, r.log
+        ckpt = load_checkpoint(cfg.model.checkpoint, "model.checkpoint") if cfg.model.checkpoint else None
+        taken = resolve_architecture(cfg.model, ckpt)
+        if taken:
+            log(f"architecture {taken}")
         if cfg.mode == "eval":
-            return run_eval(cfg, dist, val_files, val_labels, log)
-        train_files, train_labels, train_classes = image_folder(os.path.join(d.path, d.train_dir))
-        check_same_classes(train_classes, classes, os.path.join(d.path, d.train_dir), os.path.join(d.path, d.val_dir))
-        model = build_model(cfg, log)
+            return run_eval(cfg, r, ckpt)
+        model = build_model(cfg, log, ckpt)
+        del ckpt
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         multiple = cfg.curriculum.multiple_of or (patch[0] if patch else 32)
         cur = get_curriculum(cfg.curriculum.name, cfg.model.img_size, multiple)
         if cfg.mode != "train" and len({s.size for s in cur.stages}) > 1:
             raise ConfigError(f"mode {cfg.mode} trains at the final size; curriculum {cur.name!r} changes it "
                               "(use curriculum.name=baseline, or mode=train for curriculum training)")
-        plan = cur.plan(cfg.curriculum.epochs, len(train_files), cfg.train.batch_size, cfg.train.accum_steps)
+        nominal = cur.plan(cfg.curriculum.epochs, 1, t.batch_size, t.accum_steps)
+        check_plan_fits(nominal, dist.world_size, 1)
+        if d.mixup > 0 or d.cutmix > 0:
+            odd = [ps.index for ps in nominal.stages if ps.loader_batch_size // (dist.world_size * ps.accum_steps) % 2]
+            if odd:
+                raise ConfigError(f"data.mixup / data.cutmix mix pairs of samples and need an even per-process "
+                                  f"micro-batch; stage(s) {odd} of this run have an odd one: choose train.batch_size "
+                                  "(or train.per_gpu_batch_size) so that it is even, or set data.mixup=0 data.cutmix=0")
+        r.find_resume(to_dict(cfg))
+        if d.demo and dist.is_main:
+            from pretrain.demo_data import generate_demo_dataset
+
+            generate_demo_dataset(d.path)   # no-op when it is already there
+        barrier(dist)
+        val_files, val_labels, classes = image_folder(os.path.join(d.path, d.val_dir))
+        check_num_classes(cfg, classes)
+        train_files, train_labels, train_classes = image_folder(os.path.join(d.path, d.train_dir))
+        check_same_classes(train_classes, classes, os.path.join(d.path, d.train_dir), os.path.join(d.path, d.val_dir))
+        plan = cur.plan(cfg.curriculum.epochs, len(train_files), t.batch_size, t.accum_steps)
+        log(f"{cfg.mode}: {cfg.model.name} at {cfg.model.img_size}px on {len(train_files)} images / {len(classes)} "
+            f"classes, curriculum {cur.name} ({plan.total_steps} steps), lr {t.base_lr():.3g}")
+        if r.opts.dry_run:
+            log("\n".join(f"stage {row['stage']}: size {row['size']}, steps {row['start_step']}-{row['end_step']}"
+                          for row in plan.rows()))
+            log("dry run: the config, checkpoint, curriculum and data check out; nothing was trained or written")
+            return {"dry_run": True, "total_steps": plan.total_steps, "run_dir": r.dir}
         optimizer = build_optimizer(cfg, model, dist)
+        r.write_files(cur, plan)
         if dist.is_main:
-            write_run_files(cfg, cur, plan, run_dir)
             groups = describe_groups(optimizer.param_groups)
-            with open(os.path.join(run_dir, "param_groups.txt"), "w") as f:
+            with open(os.path.join(r.dir, "param_groups.txt"), "w") as f:
                 f.write(groups + "\n")
-            log(f"{cfg.mode}: {cfg.model.name} on {len(train_files)} images / {len(classes)} classes, "
-                f"curriculum {cur.name} ({plan.total_steps} steps), lr {cfg.train.base_lr():.3g}; parameter groups:\n{groups}")
+            log(f"parameter groups:\n{groups}")
         task = ClassificationTask(cfg, train_files, train_labels, val_files, val_labels, dist)
-        trainer = CurriculumTrainer(cfg.train, model, task, plan, dist, run_dir, to_dict(cfg), len(train_files),
-                                    optimizer=optimizer,
+        trainer = CurriculumTrainer(t, model, task, plan, dist, r.dir, to_dict(cfg), len(train_files),
+                                    optimizer=optimizer, resume=r.resume,
                                     baseline_epochs=cfg.curriculum.baseline_epochs or cfg.curriculum.epochs)
+        r.resume = None
         result = trainer.fit()
-        if dist.is_main:
-            ev = result.get("eval") or {}
-            log(f"validation at {cfg.model.img_size}px: top-1 {ev.get('top1', float('nan')):.2f}% "
-                f"top-5 {ev.get('top5', float('nan')):.2f}% (best top-1 {result['best'] or float('nan'):.2f}%, "
-                f"chance {100.0 / len(classes):.1f}%)")
-            log(f"run directory: {run_dir}")
-        return {**result, "run_dir": run_dir, "num_classes": len(classes)}
-    finally:
-        cleanup(dist)
+        ev = result.get("eval") or {}
+        part = f" (first {cfg.eval.max_batches} batch(es) per process: eval.max_batches)" if cfg.eval.max_batches else ""
+        log(f"validation at {cfg.model.img_size}px{part}: top-1 {ev.get('top1', float('nan')):.2f}% "
+            f"top-5 {ev.get('top5', float('nan')):.2f}% (best top-1 {result['best'] or float('nan'):.2f}%, "
+            f"chance {100.0 / len(classes):.1f}%)")
+        log(f"run directory: {r.dir}")
+        return {**result, "run_dir": r.dir, "num_classes": len(classes)}
 
 
-def run_eval(cfg: FinetuneConfig, dist: DistInfo, files: List[str], labels: List[int], log) -> Dict:
+def check_num_classes(cfg: FinetuneConfig, classes: List[str]) -> None:
+    if len(classes) != cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but {cfg.data.path}/{cfg.data.val_dir} has "
+                          f"{len(classes)} classes; set model.num_classes={len(classes)}")
+
+
+def run_eval(cfg: FinetuneConfig, r: Run, ckpt: Dict) -> Dict:
     """Evaluate a fine-tuned / probed checkpoint at the final size (resize + centre crop)."""
     model = create_classifier(cfg.model)
-    ckpt = load_checkpoint(cfg.model.checkpoint)
     if ckpt.get("meta", {}).get("linear_probe"):
         make_linear_probe(model)
-    model.load_state_dict(ckpt.get("model", ckpt), strict=True)
-    model.to(dist.device)
+    try:
+        model.load_state_dict(ckpt.get("model", ckpt), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"model.checkpoint {cfg.model.checkpoint!r} does not fit {cfg.model.name} "
+                              f"(mode=eval loads every key strictly: a fine-tuned or probed checkpoint): "
+                              f"{str(e).splitlines()[0]} ...") from None
+    files, labels, classes = image_folder(os.path.join(cfg.data.path, cfg.data.val_dir))
+    check_num_classes(cfg, classes)
+    model.to(r.dist.device)
     ds = EvalDataset(files, labels, eval_transform(cfg.model.img_size, cfg.data.crop_pct))
     loader = torch.utils.data.DataLoader(ds, batch_size=min(256, cfg.train.batch_size), num_workers=cfg.data.num_workers)
-    metrics = evaluate(model, loader, dist.device)
-    log(f"eval {cfg.model.checkpoint}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
-        f"loss {metrics['loss']:.4f} ({len(files)} images)")
+    if r.opts.dry_run:
+        r.log(f"dry run: would evaluate {cfg.model.checkpoint} on {len(files)} images")
+        return {"dry_run": True}
+    metrics = evaluate(model, loader, r.dist.device, max_batches=cfg.eval.max_batches)
+    r.log(f"eval {cfg.model.checkpoint}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
+          f"loss {metrics['loss']:.4f} ({len(files)} images)")
     return {"eval": metrics}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return cli_main("python -m finetune", __doc__.splitlines()[0], FinetuneConfig, run, "finetune",
+    return cli_main("python -m finetune", " ".join(__doc__.split("\n\n")[0].split()), FinetuneConfig, run, "finetune",
                     "YAML config (see configs/finetune/)", "key.sub=value overrides, e.g. mode=eval model.checkpoint=...",
-                    argv, user_errors=(ValueError,))
+                    argv)

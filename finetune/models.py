@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -17,7 +17,8 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint
+from engine.config import ConfigError
 from pretrain.pos_embed import resample_pos_embed
 
 from .config import ClassifierConfig
@@ -40,14 +41,78 @@ class LoadReport:
                 f"{short(self.dropped)}; initialised here: {short(self.initialised)}")
 
 
+# timm names of the MAE architectures, and the ViT widths timm names (for files without metadata)
+MAE_TO_TIMM = {"mae_vit_tiny_patch16": "vit_tiny_patch16_224", "mae_vit_small_patch16": "vit_small_patch16_224",
+               "mae_vit_base_patch16": "vit_base_patch16_224", "mae_vit_large_patch16": "vit_large_patch16_224",
+               "mae_vit_huge_patch14": "vit_huge_patch14_224"}
+_TIMM_VITS = {192: ("vit_tiny_patch16_224", 16, 12, 3), 384: ("vit_small_patch16_224", 16, 12, 6),
+              768: ("vit_base_patch16_224", 16, 12, 12), 1024: ("vit_large_patch16_224", 16, 24, 16),
+              1280: ("vit_huge_patch14_224", 14, 32, 16)}
+DEFAULT_MODEL, DEFAULT_IMG_SIZE = "vit_base_patch16_224", 224
+
+
+def _vit_from_state(sd: Dict[str, Any], path: str) -> Tuple[str, Dict[str, Any], int]:
+    """(timm name, kwargs, img_size) of a ViT state dict without metadata (an official MAE file)."""
+    w = sd.get("patch_embed.proj.weight")
+    if not isinstance(w, torch.Tensor) or w.ndim != 4:
+        raise CheckpointError(f"model.checkpoint {path!r} records no architecture and is not a ViT state dict "
+                              "(no patch_embed.proj.weight); set model.name (any timm model) and model.img_size")
+    embed, patch = w.shape[0], w.shape[-1]
+    if embed not in _TIMM_VITS:
+        raise CheckpointError(f"model.checkpoint {path!r}: a ViT of width {embed}, which no standard ViT has "
+                              f"(known: {sorted(_TIMM_VITS)}); set model.name and model.kwargs for it")
+    name, p0, d0, _ = _TIMM_VITS[embed]
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    kwargs = {**({"patch_size": patch} if patch != p0 else {}), **({"depth": depth} if depth != d0 else {})}
+    pos = sd.get("pos_embed")
+    grid = int(round((pos.shape[1] - 1) ** 0.5)) if isinstance(pos, torch.Tensor) and pos.ndim == 3 else 0
+    return name, kwargs, grid * patch if grid else DEFAULT_IMG_SIZE
+
+
+def resolve_architecture(cfg: ClassifierConfig, ckpt: Optional[Dict[str, Any]]) -> str:
+    """Fill ``model.name: auto`` and ``model.img_size: null`` from ``model.checkpoint`` (``ckpt``,
+    loaded): its metadata (our MAE pretraining, encoder export or classifier checkpoints), or the
+    shapes of an official MAE / timm ViT file. Explicit values are kept; ``model.kwargs`` given by
+    the user win over the derived ones. Returns a line saying what was taken from where."""
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) else {}
+    taken = []
+    if cfg.name == "auto":
+        if ckpt is None:
+            raise ConfigError("model.name=auto takes the architecture from model.checkpoint, and none is set; set "
+                              "model.name (any timm model, e.g. resnet50 or vit_base_patch16_224) or model.checkpoint")
+        if meta.get("arch") in MAE_TO_TIMM:               # our MAE pretraining / encoder export
+            arch = meta["arch"]
+            from pretrain.models_mae import ARCHS
+
+            mk = meta.get("model_kwargs") or {}
+            derived = {k: mk[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")
+                       if k in mk and mk[k] != ARCHS[arch][k]}
+            name, size = MAE_TO_TIMM[arch], meta.get("img_size")
+        elif meta.get("model_name"):                      # our fine-tuned / probed classifier
+            name, derived, size = meta["model_name"], dict(meta.get("model_kwargs") or {}), meta.get("img_size")
+        else:                                             # an official file: read the shapes
+            sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
+            name, derived, size = _vit_from_state(sd if isinstance(sd, dict) else {}, cfg.checkpoint)
+        cfg.name = name
+        cfg.kwargs = {**derived, **cfg.kwargs}
+        taken.append(f"model.name={name}" + (f" model.kwargs={cfg.kwargs}" if cfg.kwargs else ""))
+        if cfg.img_size is None and size:
+            cfg.img_size = int(size)
+            taken.append(f"model.img_size={cfg.img_size}")
+    if cfg.img_size is None:
+        cfg.img_size = int(meta.get("img_size") or DEFAULT_IMG_SIZE)
+        taken.append(f"model.img_size={cfg.img_size}")
+    return f"from {cfg.checkpoint or 'the defaults'}: {' '.join(taken)}" if taken else ""
+
+
 def create_classifier(cfg: ClassifierConfig, dynamic_size: bool = False) -> nn.Module:
     """timm model ``cfg.name``; ViTs get ``global_pool`` and, for curriculum training,
     ``dynamic_img_size`` (position embeddings stay at the final grid and are resampled in the
     forward pass, so stage changes need no parameter or optimizer-state surgery)."""
     kwargs = dict(cfg.kwargs)
     kwargs.setdefault("drop_path_rate", cfg.drop_path)
-    if not timm.is_model(cfg.name):
-        raise ValueError(f"unknown timm model {cfg.name!r} (see timm.list_models())")
+    if not timm.is_model(cfg.name):     # from_dict checked the config; a name resolved from a file is checked here
+        raise ConfigError(f"model.name: {cfg.name!r} is not a timm model; allowed: any name of timm.list_models()")
     is_vit = timm.models.model_entrypoint(cfg.name).__module__.split(".")[-1] in _VIT_MODULES
     if is_vit:
         kwargs.setdefault("img_size", cfg.img_size)
@@ -73,13 +138,17 @@ def _encoder_state(sd: Dict[str, torch.Tensor], model: nn.Module, report: LoadRe
     return out
 
 
-def load_pretrained(model: nn.Module, path: str) -> LoadReport:
+def load_pretrained(model: nn.Module, path: str, ckpt: Optional[Dict[str, Any]] = None) -> LoadReport:
     """Load an encoder (our MAE pretraining / encoder export / fine-tuned checkpoint, or an official
-    MAE file) into a timm ViT, interpolating position embeddings to the model's grid."""
-    ckpt = load_checkpoint(path)
+    MAE file) into a timm ViT, interpolating position embeddings to the model's grid. ``ckpt``: the
+    file's content when the caller already loaded it. Raises :class:`CheckpointError` (naming
+    the file, what does not fit and how) for a file that does not fit the model."""
+    if ckpt is None:
+        ckpt = load_checkpoint(path, "model.checkpoint")
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
     if not isinstance(sd, dict) or not sd:
-        raise ValueError(f"{path}: no state dict found (expected {{'model': state_dict}} or a state dict)")
+        raise CheckpointError(f"model.checkpoint {path!r}: no state dict found (expected {{'model': state_dict}} "
+                              "or a state dict)")
     report = LoadReport()
     sd = _encoder_state(sd, model, report)
     own = model.state_dict()
@@ -92,14 +161,17 @@ def load_pretrained(model: nn.Module, path: str) -> LoadReport:
                   if k in own and own[k].shape != v.shape]
     unexpected = [k for k in sd if k not in own]
     if bad_shapes or unexpected:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: shape mismatches {bad_shapes or '-'}; "
-                         f"unexpected keys {unexpected[:8] or '-'} (is it the right architecture / patch size?)")
+        raise CheckpointError(
+            f"model.checkpoint {path!r} does not fit {type(model).__name__}: shape mismatches {bad_shapes[:6] or '-'}; "
+            f"unexpected keys {unexpected[:8] or '-'}. Is it the right architecture / patch size? model.name=auto "
+            f"(the default) reads it from our checkpoints; otherwise set model.name / model.kwargs to match the file")
     missing = [k for k in own if k not in sd]
     allowed_missing = [k for k in missing if k.startswith(("head.", "fc_norm."))]
     real_missing = [k for k in missing if k not in allowed_missing]
     if real_missing:
-        raise ValueError(f"{path} lacks weights the model needs: {real_missing[:8]}"
-                         f"{' ...' if len(real_missing) > 8 else ''} ({len(real_missing)} keys)")
+        raise CheckpointError(f"model.checkpoint {path!r} lacks weights the model needs: {real_missing[:8]}"
+                              f"{' ...' if len(real_missing) > 8 else ''} ({len(real_missing)} keys); set "
+                              f"model.name / model.kwargs to the file's architecture")
     model.load_state_dict(sd, strict=False)
     report.loaded = sorted(sd)
     report.initialised = allowed_missing
@@ -116,7 +188,8 @@ def init_head(model: nn.Module, std: float) -> None:
 def make_linear_probe(model: VisionTransformer) -> nn.Module:
     """Freeze everything; the head becomes BatchNorm (no affine, eps 1e-6) + linear, as MAE's probe."""
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"linear probing is implemented for timm VisionTransformer models, got {type(model).__name__}")
+        raise ConfigError(f"mode=linprobe is implemented for timm VisionTransformer models; model.name gives a "
+                          f"{type(model).__name__}")
     init_head(model, std=0.01)
     model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
     for name, p in model.named_parameters():

@@ -2,6 +2,7 @@
 supervised curriculum training share it)."""
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
@@ -13,6 +14,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from efficienttrain.curriculum import PlannedStage, StepInfo
 from efficienttrain.fourier import downsample, low_frequency_crop
+from engine.config import ConfigError
 from engine.data import EvalDataset, Normalizer, eval_transform
 from engine.distributed import DistInfo
 from engine.trainer import Prepared, RunBatches
@@ -24,13 +26,15 @@ from .models import check_resizable
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, dist: Optional[DistInfo] = None,
-             transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean loss over ``loader`` (summed across ranks)."""
+             transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             max_batches: Optional[int] = None) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean loss over ``loader`` (its first ``max_batches`` per
+    rank, when set), summed across ranks."""
     was_training = model.training
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=device)   # correct1, correct5, loss sum, count
     try:
-        for x, y in loader:
+        for x, y in itertools.islice(loader, max_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if transform is not None:
                 x = transform(x)
@@ -85,7 +89,7 @@ class ClassificationTask:
     def on_stage_start(self, model: nn.Module, ps: PlannedStage) -> None:
         ok, why = check_resizable(model, ps.stage.size)
         if not ok:
-            raise ValueError(f"{self.cfg.model.name} cannot train at input size {ps.stage.size} in this run: {why}. "
+            raise ConfigError(f"model.name={self.cfg.model.name} cannot train at input size {ps.stage.size} in this run: {why}. "
                              "Use a curriculum with sizes this model supports, or a ConvNet / ViT.")
 
     def stage_transform(self, x: torch.Tensor, size: int) -> torch.Tensor:
@@ -107,12 +111,12 @@ class ClassificationTask:
         x, labels = inputs
         if self.mixup is not None:
             if x.shape[0] % 2:
-                raise ValueError(f"mixup/cutmix need an even per-process batch, got {x.shape[0]}")
+                raise ConfigError(f"mixup/cutmix need an even per-process batch, got {x.shape[0]}")
             x, labels = self.mixup(x, labels)
         return self.criterion(model(x), labels)
 
     def evaluate(self, model: nn.Module) -> Dict[str, float]:
-        return evaluate(model, self.val_loader, self.dist.device, self.dist)
+        return evaluate(model, self.val_loader, self.dist.device, self.dist, max_batches=self.cfg.eval.max_batches)
 
     def on_stage_end(self, model: nn.Module, ps: PlannedStage, run_dir: str) -> None:
         pass

@@ -15,19 +15,19 @@ from .pos_embed import POS_EMBED_MODES
 
 @dataclass
 class ModelConfig:
-    arch: str = "mae_vit_base_patch16"
+    arch: str = "mae_vit_base_patch16"    # mae_vit_{tiny,small,base,large}_patch16 | mae_vit_huge_patch14
     img_size: int = 224                   # final input size (the curriculum ends here)
     target: str = "norm_pixel"            # pixel | norm_pixel | hog
-    mask_ratio: float = 0.75
+    mask_ratio: float = 0.75              # fraction of patches hidden from the encoder, in [0, 1)
     pos_embed_mode: str = "scaled"        # scaled | regenerate | interpolate
     # architecture overrides for small experiments (null = the arch's value)
-    patch_size: Optional[int] = None
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    decoder_embed_dim: Optional[int] = None
-    decoder_depth: Optional[int] = None
-    decoder_num_heads: Optional[int] = None
+    patch_size: Optional[int] = None      # patch size in pixels (null: the arch's)
+    embed_dim: Optional[int] = None       # encoder width (null: the arch's)
+    depth: Optional[int] = None           # encoder blocks (null: the arch's)
+    num_heads: Optional[int] = None       # encoder attention heads (null: the arch's)
+    decoder_embed_dim: Optional[int] = None   # decoder width (null: the arch's)
+    decoder_depth: Optional[int] = None   # decoder blocks (null: the arch's)
+    decoder_num_heads: Optional[int] = None   # decoder attention heads (null: the arch's)
 
     def validate(self, where: str) -> None:
         if self.arch not in ARCHS:
@@ -38,6 +38,19 @@ class ModelConfig:
             raise ConfigError(f"{where}.pos_embed_mode: {self.pos_embed_mode!r}; allowed: {', '.join(POS_EMBED_MODES)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"{where}.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        p = self.patch
+        if self.img_size < p or self.img_size % p:
+            lo = max(p, self.img_size // p * p)
+            raise ConfigError(f"{where}.img_size={self.img_size} is not a multiple of the patch size {p} "
+                              f"({where}.patch_size or the arch's); allowed: multiples of {p}, e.g. {lo} or {lo + p}")
+        arch = {**ARCHS[self.arch], **{k: v for k, v in self.overrides().items() if k in ARCHS[self.arch]}}
+        for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+            if arch[dim] % arch[heads]:
+                raise ConfigError(f"{where}: {dim} {arch[dim]} is not divisible by {heads} {arch[heads]} "
+                                  f"(set {where}.{dim} / {where}.{heads} so that it is)")
+            if arch[dim] % 4:      # the 2-D sin-cos position embedding splits the width in four
+                raise ConfigError(f"{where}.{dim} must be a multiple of 4 (2-D sin-cos position embeddings), "
+                                  f"got {arch[dim]}")
 
     @property
     def patch(self) -> int:
@@ -52,15 +65,19 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""                        # image folder (ImageFolder or flat tree), a .txt list of paths, or tar shards
-    num_workers: int = 8
+    num_workers: int = 8                  # loader worker processes per training process (0: load in the main process)
     decode: str = "auto"                  # cpu (PIL in the workers) | device (workers read bytes; decode + crop on
                                           # the training device) | auto (device when training on CUDA)
     scale: List[float] = field(default_factory=lambda: [0.2, 1.0])   # RandomResizedCrop scale
-    lowfreq: Literal["fft", "cpu-lanczos", "downsample"] = "fft"
-    downsample_mode: Literal["bilinear", "bicubic", "area", "nearest"] = "bicubic"
-    replay_chunks: int = 32               # chunks per loader batch in the replay buffer
+    lowfreq: Literal["fft", "cpu-lanczos", "downsample"] = "fft"   # shrink to the stage size: fft (low-frequency
+                                                                   # crop on the device) | cpu-lanczos (official ET++
+                                                                   # resize in the workers) | downsample (resize on
+                                                                   # the device; the Table 13(b) ablation)
+    downsample_mode: Literal["bilinear", "bicubic", "area", "nearest"] = "bicubic"   # interpolation for lowfreq=downsample
+    replay_chunks: int = 32               # replay stages: chunks each loader micro-batch is stored as; replayed
+                                          # chunks are drawn uniformly (official: 32; must divide the micro-batch)
     demo: bool = False                    # generate the bundled demo set at `path` if it is missing
-    demo_images: int = 1200
+    demo_images: int = 1200               # images in the generated demo set (data.demo=true)
 
     def validate(self, where: str) -> None:
         if not self.path:
@@ -86,7 +103,8 @@ class DataConfig:
 
 @dataclass
 class CurriculumConfig:
-    name: str = "etpp"                    # built-in name or a YAML file
+    name: str = "etpp"                    # built-in name (baseline, et, etpp, etpp-replay, etpp-deit, etpp-convnext,
+                                          # linear: python -m efficienttrain list) or a YAML file
     epochs: float = 400.0                 # budget: epochs, or equivalent epochs at the final size
     multiple_of: Optional[int] = None     # size rounding (default: the patch size)
     baseline_epochs: Optional[float] = None   # the baseline the speedup is reported against (default: epochs)
@@ -99,8 +117,8 @@ class EvalConfig:
 
 @dataclass
 class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)   # the MAE model: architecture, target, masking
+    data: DataConfig = field(default_factory=DataConfig)   # pretraining images and how they are loaded
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)   # the EfficientTrain curriculum and the budget
+    train: TrainConfig = field(default_factory=TrainConfig)   # optimisation, batch, checkpoints, logging, resume
+    eval: EvalConfig = field(default_factory=EvalConfig)   # evaluation during pretraining

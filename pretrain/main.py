@@ -10,11 +10,11 @@ import torch
 from efficienttrain.curriculum import Plan, get_curriculum
 from efficienttrain.replay import buffer_bytes
 from engine.checkpoint import atomic_save
-from engine.config import to_dict
+from engine.config import ConfigError, to_dict
 from engine.data import open_image_source
-from engine.distributed import barrier, cleanup
-from engine.run import cli_main, start_run, write_run_files
-from engine.trainer import CurriculumTrainer
+from engine.distributed import barrier
+from engine.run import Run, RunOptions, cli_main
+from engine.trainer import CurriculumTrainer, check_plan_fits
 
 from .config import PretrainConfig
 from .demo_data import generate_demo_dataset
@@ -57,49 +57,65 @@ def curriculum_table(plan: Plan, patch: int, base_lr: float, warmup_epochs: floa
     return "\n".join(lines)
 
 
-def run(cfg: PretrainConfig, run_name: str = "pretrain") -> Dict:
-    dist, log, run_dir = start_run(cfg, run_name)
+def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptions] = None) -> Dict:
+    """Pretrain as ``cfg`` says. Everything a user can get wrong is checked before the data folder
+    is scanned: the curriculum and its sizes, how every stage's batch splits, the checkpoint to
+    resume and whether its settings match."""
+    t = cfg.train
+    cur = get_curriculum(cfg.curriculum.name, cfg.model.img_size, cfg.curriculum.multiple_of or cfg.model.patch)
+    odd = sorted({s.size for s in cur.stages if s.size % cfg.model.patch})
+    if odd:
+        raise ConfigError(f"curriculum {cur.name!r} has input sizes {odd} that are not multiples of the patch size "
+                          f"{cfg.model.patch} (model.patch_size); set curriculum.multiple_of to a multiple of "
+                          f"{cfg.model.patch} (or leave it unset: the patch size)")
     knn = cfg.eval.knn                  # "{data.path}" in the kNN folders: the data root of this run (the demo's)
     knn.train, knn.val = (p.replace("{data.path}", cfg.data.path) for p in (knn.train, knn.val))
-    try:
+    with Run(cfg, run_name, opts) as r:
+        dist, log = r.dist, r.log
+        check_plan_fits(cur.plan(cfg.curriculum.epochs, 1, t.batch_size, t.accum_steps), dist.world_size,
+                        cfg.data.replay_chunks)
+        r.find_resume(to_dict(cfg))
         if cfg.data.demo and dist.is_main:
             generate_demo_dataset(cfg.data.path, cfg.data.demo_images)   # no-op when it is already there
         barrier(dist)
         data_path = os.path.join(cfg.data.path, "train") if cfg.data.demo else cfg.data.path
         source = open_image_source(data_path)
-        model = create_mae(cfg.model.arch, **cfg.model.overrides())
-        cur = get_curriculum(cfg.curriculum.name, cfg.model.img_size, cfg.curriculum.multiple_of or cfg.model.patch)
-        plan = cur.plan(cfg.curriculum.epochs, len(source), cfg.train.batch_size, cfg.train.accum_steps)
-        t = cfg.train
+        plan = cur.plan(cfg.curriculum.epochs, len(source), t.batch_size, t.accum_steps)
         baseline = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs
+        model = create_mae(cfg.model.arch, **cfg.model.overrides())
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        log(f"MAE {cfg.model.arch} ({n_params:.1f}M params, target {cfg.model.target}), {source.describe()}, "
+            f"curriculum {cur.name} ({cur.budget} budget {cfg.curriculum.epochs:g}, "
+            f"{cur.speedup(cfg.curriculum.epochs, baseline):.2f}x less compute than {baseline:g} epochs at "
+            f"{cur.final_size}), {dist.world_size} process(es) on {dist.device}")
+        log(curriculum_table(plan, cfg.model.patch, t.base_lr(), t.warmup_epochs, t.min_lr, dist.world_size))
+        if r.opts.dry_run:
+            log("dry run: the config, curriculum, data and checkpoints check out; nothing was trained or written")
+            return {"dry_run": True, "total_steps": plan.total_steps, "run_dir": r.dir}
         from .task import MAETask
 
         task = MAETask(cfg, source, dist)
-        if dist.is_main:
-            write_run_files(cfg, cur, plan, run_dir)
-            n_params = sum(p.numel() for p in model.parameters()) / 1e6
-            log(f"MAE {cfg.model.arch} ({n_params:.1f}M params, target {cfg.model.target}), {source.describe()}, "
-                f"curriculum {cur.name} ({cur.budget} budget {cfg.curriculum.epochs:g}, "
-                f"{cur.speedup(cfg.curriculum.epochs, baseline):.2f}x less compute than {baseline:g} epochs at "
-                f"{cur.final_size}), "
-                f"{dist.world_size} process(es) on {dist.device}, decode on {task.decode}")
-            log(curriculum_table(plan, cfg.model.patch, t.base_lr(), t.warmup_epochs, t.min_lr,
-                                 dist.world_size))
-        trainer = CurriculumTrainer(t, model, task, plan, dist, run_dir, to_dict(cfg), len(source),
-                                    baseline_epochs=baseline)
+        log(f"decode on {task.decode}")
+        r.write_files(cur, plan)
+        trainer = CurriculumTrainer(t, model, task, plan, dist, r.dir, to_dict(cfg), len(source),
+                                    baseline_epochs=baseline, resume=r.resume)
+        r.resume = None                 # the trainer holds it now; free the loaded tensors with it
         result = trainer.fit()
-        if dist.is_main and result["step"] == plan.total_steps:
-            path = export_encoder(trainer.state_dict(), os.path.join(run_dir, "encoder.pth"))
-            log(f"encoder exported to {path}")
-        if dist.is_main:
+        if dist.is_main and result["step"] > 0 and (result["trained_steps"] or not os.path.isfile(
+                os.path.join(r.dir, "encoder.pth"))):
+            path = export_encoder(trainer.state_dict(), os.path.join(r.dir, "encoder.pth"))
+            partial = "" if result["step"] == plan.total_steps else " (a partial run: train.max_steps)"
+            log(f"encoder of step {result['step']}/{plan.total_steps} exported to {path}{partial}")
+        if result["trained_steps"]:
             log(f"done: step {result['step']}/{plan.total_steps}, last loss {result['loss']:.4f}, "
                 f"{result['bad_samples']} unreadable image(s) skipped")
-            log(f"run directory: {run_dir}")
-        return {**result, "run_dir": run_dir}
-    finally:
-        cleanup(dist)
+        else:
+            log(f"nothing to train: the run is at step {result['step']}/{plan.total_steps}"
+                + ("" if result["step"] == plan.total_steps else f" and train.max_steps={t.max_steps}"))
+        log(f"run directory: {r.dir}")
+        return {**result, "run_dir": r.dir}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return cli_main("python -m pretrain", __doc__.splitlines()[0], PretrainConfig, run, "pretrain",
+    return cli_main("python -m pretrain", " ".join(__doc__.split("\n\n")[0].split()), PretrainConfig, run, "pretrain",
                     "YAML config (see configs/pretrain/)", "key.sub=value overrides, e.g. train.batch_size=256", argv)

@@ -65,7 +65,8 @@ class MAETask:
             if len(out) == num:
                 break
         if not out:
-            raise RuntimeError(f"none of the first {num * 4} images could be read; check data.path")
+            raise DataError(f"none of the first {num * 4} images of {self.source.name(0)!r} ... could be read; "
+                            "check data.path (image files PIL can open)")
         return torch.stack(out)
 
     def make_loader(self, batches: RunBatches) -> torch.utils.data.DataLoader:

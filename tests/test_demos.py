@@ -9,17 +9,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sh(script, *args):
+def sh(script, *args, cwd=ROOT):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(["bash", str(ROOT / "tools" / script), *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run(["bash", str(ROOT / "tools" / script), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=1200, env=env)
 
 
 def test_pretrain_then_finetune_demo(tmp_path):
     data, pre, ft = tmp_path / "data", tmp_path / "demo", tmp_path / "ft"
-    r = sh("pretrain.sh", f"train.output_dir={pre}", f"data.path={data}")
+    # called from another folder with relative paths: they are the caller's, as with python -m pretrain
+    r = sh("pretrain.sh", "train.output_dir=demo", "data.path=data", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"run directory: {pre}" in r.stdout
+    printed = [line for line in r.stdout.splitlines() if not line.startswith("[setup]")]
+    assert printed[0] == f"run directory: {pre}"                         # said first, and again at the end
+    assert f"run directory: {pre}" in r.stdout.splitlines()[-1]
+    log = (pre / "log.txt").read_text()                                # everything printed, kept in the run
+    assert "total: " in log and "optimizer steps" in log and "exported to" in log and "\r" not in log
+    header = (pre / "config.yaml").read_text().splitlines()[:2]
+    assert header[0] == "# command: python -m pretrain --config " + str(ROOT / "configs/pretrain/demo.yaml") \
+        + " train.output_dir=demo data.path=data"
+    assert re.fullmatch(r"# git: ([0-9a-f]{40}(\+dirty)?|unknown .*)", header[1]), header[1]
     with open(pre / "metrics.jsonl") as f:
         m = [json.loads(line) for line in f]
     losses = [r for r in m if "loss" in r]
@@ -29,9 +38,25 @@ def test_pretrain_then_finetune_demo(tmp_path):
     assert len(knn) == 10 and knn[-1] > 84.0
     assert len(os.listdir(pre / "reconstructions")) == 10 and (pre / "curriculum.png").is_file()
 
+    # model.name / img_size / kwargs come from the encoder's metadata (the demo config leaves them at auto)
     r = sh("finetune.sh", f"model.checkpoint={pre / 'encoder.pth'}", f"data.path={data}", f"train.output_dir={ft}",
            "train.progress=false")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "architecture from " in r.stdout and "model.name=vit_tiny_patch16_224 model.kwargs={'patch_size': 4, " \
+        "'depth': 4} model.img_size=48" in r.stdout
     top1 = float(re.search(r"validation at 48px: top-1 ([\d.]+)%", r.stdout).group(1))
     assert top1 > 50.0, r.stdout[-2000:]                                 # 4 classes: chance is 25 %
     assert (ft / "checkpoints" / "checkpoint-best.pth").is_file()
+
+
+def test_wrapper_help_sets_nothing_up_and_lists_options(tmp_path):
+    """--help shows the wrapper's own options and every config section, and runs nothing (in a fresh
+    clone, tools/finetune.sh --help must not start the pretraining demo)."""
+    for script, module in (("pretrain.sh", "pretrain"), ("finetune.sh", "finetune")):
+        r = sh(script, "--help", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "--nproc" in r.stdout and f"usage: python -m {module}" in r.stdout
+        assert "  train: batch_size, per_gpu_batch_size" in r.stdout and "docs/config.md" in r.stdout
+        assert "running the pretraining demo" not in r.stdout and not (tmp_path / "runs").exists()
+    r = sh("pretrain.sh", "--nproc", "two", cwd=tmp_path)
+    assert r.returncode == 2 and "--nproc must be a positive number of processes, got 'two'" in r.stderr

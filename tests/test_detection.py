@@ -26,6 +26,7 @@ from mmengine.logging import MMLogger  # noqa: E402
 from detection import (CheckpointMismatchError, PlainViT, SimpleFeaturePyramid,  # noqa: E402
                        ViTLayerDecayOptimizerConstructor, load_backbone_checkpoint, mmengine_checkpoint_globals)
 from detection.cli import apply_cfg_options, coco_table  # noqa: E402
+from engine.checkpoint import CheckpointError  # noqa: E402
 from pretrain.main import encoder_state_dict, export_encoder  # noqa: E402
 from pretrain.models_mae import create_mae  # noqa: E402
 
@@ -256,15 +257,16 @@ def test_real_checkpoint_errors_raise_before_copying(ckpts, mae, tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"weights missing from the file: 1: blocks\.1\.attn\.qkv\.weight"):
         load_backbone_checkpoint(PlainViT(**TINY), str(tmp_path / "broken.pth"))
 
-    with pytest.raises(FileNotFoundError, match="pretrained checkpoint .*nowhere.pth not found"):
+    with pytest.raises(CheckpointError, match="pretrained '.*nowhere.pth' does not exist: set `pretrained`"):
         load_backbone_checkpoint(PlainViT(**TINY), str(tmp_path / "nowhere.pth"))
 
     class Evil:   # anything but tensors and plain containers is refused (weights_only=True)
         def __reduce__(self):
             return (os.getcwd, ())
     torch.save({"model": sd, "x": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(RuntimeError, match="cannot load checkpoint"):
+    with pytest.raises(CheckpointError, match="evil.pth' is not a readable PyTorch checkpoint .*holds Python objects"):
         load_backbone_checkpoint(PlainViT(**TINY), str(tmp_path / "evil.pth"))
+    assert issubclass(CheckpointMismatchError, CheckpointError)     # a user error for the command lines
 
 
 # ---- simple feature pyramid ----------------------------------------------------------------------
@@ -555,6 +557,19 @@ def test_cascade_mask_rcnn_demo_trains_and_det_test_reproduces_its_metrics(demo_
                                     "--cfg-options", *_opts(demo_coco, "/nonexistent/unused.pth")]))
     assert {k: v for k, v in res["metrics"].items() if k.startswith("coco/")} == \
         {k: v for k, v in m.items() if k.startswith("coco/")}
+    # a file the runner itself cannot use (as mmdet's own tools load_from / resume): CheckpointError at the source
+    runner = res["runner"]
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="checkpoint '.*junk.pth' is not a PyTorch checkpoint: it is a text"):
+        runner.load_checkpoint(str(tmp_path / "junk.pth"))
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="holds none of the detector's weights: none of its 1 tensor"):
+        runner.load_checkpoint(str(tmp_path / "other.pth"))
+    runner.checkpoint_label = None                                 # named by the runner's own setting
+    torch.save({"state_dict": runner.model.state_dict()}, tmp_path / "weights.pth")
+    with pytest.raises(CheckpointError, match="^resume '.*weights.pth' holds no training state to resume: it lacks "
+                                              "meta.epoch, meta.iter"):
+        runner.resume(str(tmp_path / "weights.pth"))
 
 
 def test_entry_points_report_bad_input(capsys, tmp_path):
@@ -569,6 +584,111 @@ def test_entry_points_report_bad_input(capsys, tmp_path):
     r = subprocess.run(["bash", str(ROOT / "tools" / "det_dist_train.sh"), "cfg.py", "two"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "usage:" in r.stderr and "NGPUS: a positive integer" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """Files a user may name by mistake: not checkpoints, broken ones, and checkpoints of another kind."""
+    d = tmp_path_factory.mktemp("bad_files")
+    (d / "random.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    (d / "notes.txt").write_text("epoch 12 looked best, use that one\n")
+    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}}, d / "whole.pth")
+    data = (d / "whole.pth").read_bytes()
+    (d / "truncated.pth").write_bytes(data[:len(data) // 2])               # an interrupted copy
+    # a detector checkpoint's layout (mmengine: state_dict + meta) with the demo backbone's patch embedding
+    torch.save({"state_dict": {"backbone.patch_embed.proj.weight": torch.zeros(192, 3, 4, 4)},
+                "meta": {"epoch": 1, "iter": 3}}, d / "detector.pth")
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, d / "other_model.pth")
+    (d / "broken_config.py").write_text("model = dict(\n")
+    return {p.stem: str(p) for p in d.iterdir()} | {"folder": str(d), "missing": str(d / "nowhere.pth")}
+
+
+DEMO_CFG = str(CONFIGS / "retinanet_vit-tiny-mae_sfp_demo.py")
+
+
+@pytest.mark.parametrize("tool, args, path, expected", [
+    ("det_train", ["pretrained={random}"], "random", "pretrained '{}' is not a PyTorch checkpoint: it is binary data"),
+    ("det_train", ["pretrained={notes}"], "notes", "pretrained '{}' is not a PyTorch checkpoint: it is a text file"),
+    ("det_train", ["pretrained={missing}"], "missing", "pretrained '{}' does not exist: set `pretrained`"),
+    ("det_train", ["pretrained={detector}"], "detector", "pretrained '{}' does not fit the backbone PlainViT"),
+    ("det_train", ["--resume", "{random}"], "random", "--resume '{}' is not a PyTorch checkpoint"),
+    ("det_train", ["--resume", "{truncated}"], "truncated", "--resume '{}' is not a readable PyTorch checkpoint"),
+    ("det_train", ["--resume", "{encoder}"], "encoder", "--resume '{}' holds no training state to resume"),
+    ("det_train", ["--resume", "{missing}"], "missing", "--resume '{}' does not exist"),
+    ("det_train", ["config={missing}"], "missing", "config '{}' does not exist; expected an MMDetection config"),
+    ("det_train", ["config={broken_config}"], "broken_config", "config '{}' is not valid Python: '(' was never"),
+    ("det_test", ["config={detector}", DEMO_CFG], "detector", "config '{}' is a .pth file; expected an MMDetection"),
+    ("det_test", ["{random}"], "random", "checkpoint '{}' is not a PyTorch checkpoint: it is binary data"),
+    ("det_test", ["{notes}"], "notes", "checkpoint '{}' is not a PyTorch checkpoint: it is a text file"),
+    ("det_test", ["{missing}"], "missing", "checkpoint '{}' does not exist; expected a detector checkpoint"),
+    ("det_test", ["{folder}"], "folder", "checkpoint '{}' is a folder"),
+    ("det_test", ["{encoder}"], "encoder", "checkpoint '{}' holds no weights"),
+    ("det_test", ["{other_model}"], "other_model", "checkpoint '{}' holds none of the detector's weights"),
+])
+def test_entry_points_report_unusable_files_before_building_anything(tool, args, path, expected, bad_files,
+                                                                    demo_encoder, tmp_path, capsys):
+    """A file the user named that cannot be used: exit code 2 and one message naming the setting,
+    the file, what it is and what is expected; no traceback, and nothing built (no work dir)."""
+    files = {**bad_files, "encoder": demo_encoder["encoder"]}
+    args = [a.format(**files) for a in args]
+    config = DEMO_CFG
+    if args[0].startswith("config="):
+        config, args = args[0][len("config="):], args[1:]
+    wd = tmp_path / "wd"
+    if tool == "det_train":
+        options = [a for a in args if "=" in a]
+        argv = [config, *[a for a in args if "=" not in a], "--work-dir", str(wd), "--cfg-options",
+                f"data_root={tmp_path}/coco/", *(options or [f"pretrained={demo_encoder['encoder']}"])]
+    else:
+        argv = [config, *args, "--work-dir", str(wd), "--cfg-options", f"data_root={tmp_path}/coco/"]
+    assert _load_tool(tool).main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected.format(files[path]) in err, err
+    assert "Traceback" not in err and "\n\n" not in err.strip()
+    assert not wd.exists() and not (tmp_path / "coco").exists()      # failed before the runner and the data
+
+
+def test_entry_points_keep_the_traceback_of_a_bug(monkeypatch):
+    """Only user errors become exit code 2: anything else (a bug) propagates with its traceback."""
+    for name in ("det_train", "det_test"):
+        tool = _load_tool(name)
+
+        def bug(args):
+            raise RuntimeError("a bug")
+        monkeypatch.setattr(tool, "run", bug)
+        with pytest.raises(RuntimeError, match="a bug"):
+            tool.main([DEMO_CFG] + (["ckpt.pth"] if name == "det_test" else []))
+
+
+def test_command_lines_report_user_errors_without_traceback(bad_files, tmp_path):
+    """The reported cases through the real command lines: a timm ViT-S state dict as `pretrained`
+    of the ViT-tiny demo (the key report, abridged, names the architecture of the file) and a file
+    of random bytes as the checkpoint to test."""
+    import subprocess
+
+    import timm
+    vit_s = tmp_path / "vit_small_patch16_224.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", pretrained=False).state_dict(), vit_s)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--work-dir", str(tmp_path / "wd"), "--cfg-options", f"data_root={tmp_path}/coco/"]
+    r = subprocess.run([sys.executable, "tools/det_train.py", DEMO_CFG, *common, f"pretrained={vit_s}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and r.stderr.startswith("error: ")
+    assert f"pretrained '{vit_s}' does not fit the backbone PlainViT(img_size=48, patch_size=4, embed_dim=192" in r.stderr
+    for line in ("0 of the file's 152 tensors fit the backbone", "ERROR keys the backbone does not have: 96",
+                 "ERROR shape mismatch patch_embed.proj.weight: file [384, 3, 16, 16] vs backbone [192, 3, 4, 4]",
+                 "more shape mismatches", "hint: the file has 12 blocks, the backbone depth=4",
+                 "hint: the file has patch size 16 and width 384", "expected backbone weights"):
+        assert line in r.stderr, line
+    assert len(r.stderr.splitlines()) < 15                       # abridged: not a line per mismatched key
+    assert not (tmp_path / "wd").exists()
+
+    r = subprocess.run([sys.executable, "tools/det_test.py", DEMO_CFG, bad_files["random"], *common],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.startswith(f"error: checkpoint '{bad_files['random']}' is not a PyTorch checkpoint")
+    assert "expected a detector checkpoint written by tools/det_train.py" in r.stderr
 
 
 def test_checkpoint_allowlist_stays_narrow(tmp_path):

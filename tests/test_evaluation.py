@@ -218,7 +218,7 @@ def test_study_runs_reports_skips_and_resumes(folder, tmp_path):
 
 def test_bad_study_files_get_clear_errors(folder, tmp_path):
     path = study_yaml(tmp_path, folder)
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['arm'\]"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) arm \(did you mean arms\?\); allowed in config: name, "):
         load_config(StudyConfig, str(path), ["arm=[]"])
     with pytest.raises(ConfigError, match="exactly one arm must have baseline: true"):
         load_config(StudyConfig, str(path), ["arms=[{name: a}, {name: b}]"])

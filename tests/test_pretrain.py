@@ -152,7 +152,7 @@ def test_config_errors_are_clear(tmp_path, capsys):
     assert main(["model.target=depth", "data.path=x"]) == 2
     assert "model.target: 'depth' is not allowed; allowed: pixel, norm_pixel, hog" in capsys.readouterr().err
     assert main(["train.batchsize=4", "data.path=x"]) == 2
-    assert "unknown key(s) ['batchsize']" in capsys.readouterr().err
+    assert "unknown key(s) train.batchsize (did you mean train.batch_size?); allowed in train: batch_size," in capsys.readouterr().err
     assert main(["train.batch_size=big", "data.path=x"]) == 2
     assert "train.batch_size: expected an integer, got 'big'" in capsys.readouterr().err
     assert main([f"data.path={tmp_path}/missing"]) == 2
@@ -192,7 +192,8 @@ def test_two_process_gloo_run(images, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = read_metrics(out)
     assert m[-1]["step"] == json.load(open(out / "plan.json"))["rows"][-1]["end_step"]
-    assert r.stdout.count("run directory:") == 1                    # only rank 0 writes and reports
+    assert r.stdout.count("run directory:") == 2                    # only rank 0 reports (at start and end)
+    assert "global batch 8 = 4 per process x 2 process(es) x 1 accumulation step(s)" in r.stdout
     # 2 ranks x 4 samples per step = the global batch of 8
     ck = load_checkpoint(str(out / "checkpoints" / "checkpoint-latest.pth"))
     losses = [r for r in m if "loss" in r]

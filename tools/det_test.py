@@ -6,6 +6,8 @@
 CKPT is a checkpoint written by tools/det_train.py (read with ``torch.load(weights_only=True)``,
 see detection/runner.py). Prints pycocotools' summary and an AP table (bbox, and segm for
 Mask R-CNN configs); multi-GPU: ``torchrun --nproc_per_node N tools/det_test.py ... --launcher pytorch``.
+CKPT is checked before anything is built; a user error (a missing or unusable config or
+checkpoint) ends with exit code 2 and one message, ``error: ...``.
 """
 from __future__ import annotations
 
@@ -21,9 +23,13 @@ for path in (ROOT, os.path.join(ROOT, "tools")):
         sys.path.insert(0, path)
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")   # mmengine's import
 
-from detection.cli import (MetricsCapture, add_common_args, build_runner, coco_table,  # noqa: E402
-                           ensure_demo_data, load_config)
+from detection.cli import (MetricsCapture, add_common_args, build_runner, check_detector_checkpoint,  # noqa: E402
+                           coco_table, ensure_demo_data, load_config)
+from detection.runner import DetRunner  # noqa: E402
+from engine.errors import run_cli  # noqa: E402
 from make_demo_coco import generate as generate_demo_coco  # noqa: E402
+
+CKPT_LABEL = "checkpoint"   # how errors name the CKPT argument
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -36,12 +42,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Evaluate ``args.checkpoint``; returns the metrics (``coco/bbox_mAP``, ...)."""
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
     cfg = load_config(args)
+    check_detector_checkpoint(cfg, args.checkpoint, CKPT_LABEL)   # before the test set is built
     cfg.load_from, cfg.resume = args.checkpoint, False
     ensure_demo_data(cfg, generate_demo_coco)
     runner = build_runner(cfg)
+    if isinstance(runner, DetRunner):
+        runner.checkpoint_label = CKPT_LABEL
     capture = MetricsCapture()
     runner.register_hook(capture, priority="LOWEST")
     metrics = runner.test()
@@ -49,12 +56,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit code 0, or 2 with ``error: ...`` on stderr for a user error (engine.errors.run_cli)."""
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _test(args))
+
+
+def _test(args: argparse.Namespace) -> int:
+    result = run(args)
     if result["runner"].rank == 0:
         print(f"\nCOCO AP (%) of {args.checkpoint}:\n{coco_table(result['metrics'])}")
     return 0

@@ -8,6 +8,10 @@
 scheduler, iteration and log state; checkpoints are read with ``torch.load(weights_only=True)``
 (see detection/runner.py). ``--cfg-options data_root=... pretrained=...`` also update every field
 derived from them. Multi-GPU / multi-node: tools/det_dist_train.sh.
+
+The checkpoint files the run will read (``pretrained``, ``--resume``, ``load_from``) are checked
+before anything is built; a user error (a missing or unusable file or config, a checkpoint that
+does not fit the config's backbone) ends with exit code 2 and one message, ``error: ...``.
 """
 from __future__ import annotations
 
@@ -24,9 +28,13 @@ for path in (ROOT, os.path.join(ROOT, "tools")):
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")   # mmengine's import
 
 from mmengine.config import Config  # noqa: E402
+from mmengine.runner import find_latest_checkpoint  # noqa: E402
 
-from detection.cli import (MetricsCapture, add_common_args, build_runner, coco_table,  # noqa: E402
-                           ensure_demo_data, load_config)
+from detection.cli import (MetricsCapture, add_common_args, build_runner, check_detector_checkpoint,  # noqa: E402
+                           check_pretrained, coco_table, ensure_demo_data, load_config)
+from detection.runner import DetRunner  # noqa: E402
+from engine.config import ConfigError  # noqa: E402
+from engine.errors import run_cli  # noqa: E402
 from make_demo_coco import generate as generate_demo_coco  # noqa: E402
 
 
@@ -45,25 +53,45 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.amp:
         wrapper = cfg.optim_wrapper.get("type", "OptimWrapper")
         if wrapper not in ("OptimWrapper", "AmpOptimWrapper"):
-            raise ValueError(f"--amp works with OptimWrapper configs, this one uses {wrapper}")
+            raise ConfigError(f"--amp works with optim_wrapper.type OptimWrapper (made AmpOptimWrapper) or "
+                              f"AmpOptimWrapper; this config uses {wrapper}")
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     if args.resume == "auto":
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
-        if not os.path.isfile(args.resume):
-            raise FileNotFoundError(f"--resume checkpoint {args.resume} not found")
         cfg.resume, cfg.load_from = True, args.resume
     return cfg
+
+
+def check_checkpoints(cfg: Config, args: argparse.Namespace) -> str:
+    """Check every checkpoint file the run will read before it builds anything (cheap: shapes and
+    structure only); returns how the loaded detector checkpoint is named in errors."""
+    check_pretrained(cfg)   # init_weights loads it in every training run, a resumed one too
+    label = "load_from"
+    if args.resume == "auto":
+        latest = find_latest_checkpoint(cfg.work_dir) if _has_checkpoint(cfg.work_dir) else None
+        label = f"--resume (the latest checkpoint in {cfg.work_dir})"
+        if latest is not None:
+            check_detector_checkpoint(cfg, latest, label, resume=True)
+    elif args.resume is not None:
+        label = "--resume"
+        check_detector_checkpoint(cfg, args.resume, label, resume=True)
+    elif cfg.get("load_from"):
+        check_detector_checkpoint(cfg, cfg.load_from, label)
+    return label
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Train (and validate as the config says); returns the runner and the last metrics."""
     cfg = build_config(args)
+    label = check_checkpoints(cfg, args)
     ensure_demo_data(cfg, generate_demo_coco)
     if args.resume == "auto" and not _has_checkpoint(cfg.work_dir):
         print(f"--resume: no checkpoint in {cfg.work_dir} yet; starting from scratch")
     runner = build_runner(cfg)
+    if isinstance(runner, DetRunner):
+        runner.checkpoint_label = label
     capture = MetricsCapture()
     runner.register_hook(capture, priority="LOWEST")
     runner.train()
@@ -75,12 +103,13 @@ def _has_checkpoint(work_dir: str) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit code 0, or 2 with ``error: ...`` on stderr for a user error (engine.errors.run_cli)."""
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    result = run(args)
     runner = result["runner"]
     if runner.rank == 0:
         if result["metrics"]:

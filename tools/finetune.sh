@@ -6,16 +6,22 @@
 #   tools/finetune.sh CONFIG [key=value ...]            # e.g. configs/finetune/mae_vit-b_finetune.yaml
 #   tools/finetune.sh CONFIG --nproc 8 [key=value ...]  # one node, 8 processes (torchrun)
 #   tools/finetune.sh CONFIG mode=eval model.checkpoint=runs/x/checkpoints/checkpoint-best.pth
+#   tools/finetune.sh CONFIG --dry-run | --print-config # check and print the plan | the resolved config
+#   tools/finetune.sh --help                            # this, and every config section
+#
+# Relative paths (CONFIG, data.path, model.checkpoint, train.output_dir) are relative to where you
+# call it from.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$ROOT/tools/_launch.sh"
 parse_launch_args "$@"
+if [[ $HELP == 1 ]]; then show_help "${BASH_SOURCE[0]}" finetune; exit 0; fi
 if [[ -z $CONFIG ]]; then
-  CONFIG=configs/finetune/demo.yaml
+  CONFIG=$ROOT/configs/finetune/demo.yaml
   # the demo needs the demo encoder: pretrain it first unless it is there (or given as an override)
   if [[ ! -f runs/demo/encoder.pth ]] && ! printf '%s\n' "${ARGS[@]+"${ARGS[@]}"}" | grep -q '^model.checkpoint='; then
     echo "[finetune] no runs/demo/encoder.pth yet: running the pretraining demo first"
-    ET_SETUP_ARGS=${ET_SETUP_ARGS:-} bash tools/pretrain.sh
+    ET_SETUP_ARGS=${ET_SETUP_ARGS:-} bash "$ROOT/tools/pretrain.sh"
   fi
 fi
 launch_module finetune

@@ -16,8 +16,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from engine.config import ConfigError, load_config  # noqa: E402
-from engine.data import DataError  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.errors import run_cli  # noqa: E402
 from evaluation.study import StudyConfig, run_study  # noqa: E402
 
 
@@ -27,16 +27,12 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the study, e.g. seeds=[0,1]")
     ap.add_argument("--only", action="append", help="run only this arm (repeatable); the report waits for all")
     args = ap.parse_args()
-    try:
+
+    def main_() -> None:
         study = load_config(StudyConfig, args.study, args.overrides)
         run_study(study, " ".join(["python", "tools/study.py", *sys.argv[1:]]), only=args.only)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_cli(main_)
 
 
 if __name__ == "__main__":
