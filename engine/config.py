@@ -36,6 +36,9 @@ def load_yaml_with_bases(path: Union[str, os.PathLike], _seen: Optional[List[str
     seen = list(_seen or [])
     if path in seen:
         raise ConfigError(f"config {path}: circular _base_ chain: {' -> '.join(seen + [path])}")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a folder; expected a YAML file (a run folder's config is "
+                          f"{os.path.join(path, 'config.yaml')})")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path, "r", encoding="utf-8") as f:
@@ -59,6 +62,8 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
+        if not key.strip() or any(not p for p in key.strip().split(".")):
+            raise ConfigError(f"override {item!r} has no key (or an empty part in it); expected key.sub=value")
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
@@ -104,9 +109,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not allowed; allowed: {', '.join(map(repr, args))}")
         return value
     if origin in (list, tuple, List, Sequence):
+        inner = args[0] if args else Any
+        if isinstance(value, str) and inner is str:
+            value = [value]              # key=name for a list of names: the list of that one name
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Dict):
         if not isinstance(value, Mapping):
@@ -127,6 +134,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is str:
+        if value is None:
+            raise ConfigError(f"{where}: expected a string, got nothing ({where}= with no value, or null)")
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)

@@ -73,8 +73,9 @@ def list_images(path: str) -> List[str]:
             dirnames.sort()
             files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
     else:
-        raise FileNotFoundError(f"data path {path!r} is neither a folder, a .txt file listing images, "
-                                f"nor tar shards (a .tar file, a folder of .tar files or a pattern "
+        what = "does not exist" if not os.path.exists(path) else "is not a folder, a .txt file or tar shards"
+        raise FileNotFoundError(f"data path {path!r} (data.path) {what}; allowed: an image folder, a .txt file "
+                                f"listing images, or tar shards (a .tar file, a folder of .tar files or a pattern "
                                 f"like shards-{{000000..000009}}.tar)")
     if not files:
         raise FileNotFoundError(f"no images found in {path!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")

@@ -25,7 +25,7 @@ from efficienttrain.plot import plot_curriculum
 from .config import load_config, save_config, to_dict
 from .distributed import DistInfo, cleanup, init_distributed
 from .errors import run_cli
-from .resume import Resume, find_resume
+from .resume import Resume, check_plan_steps, find_resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,12 +44,15 @@ class _Tee:
 
     def __init__(self, stream: TextIO, log: TextIO, skip_redraws: bool) -> None:
         self.stream, self.log, self.skip_redraws = stream, log, skip_redraws
+        self._after_redraw = False
 
     def write(self, text: str) -> int:
         n = self.stream.write(text)
-        if not (self.skip_redraws and ("\r" in text or text == "\n")):
+        redraw = self.skip_redraws and "\r" in text
+        if not (redraw or (self._after_redraw and text == "\n")):   # a bar's closing newline goes too
             self.log.write(text)
             self.log.flush()
+        self._after_redraw = redraw
         return n
 
     def flush(self) -> None:
@@ -88,6 +91,7 @@ class Run:
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         random.seed(cfg.train.seed + self.dist.rank)
         self.dir = os.path.abspath(cfg.train.output_dir or os.path.join("runs", run_name))
+        cfg.train.output_dir = self.dir      # the saved config names its run (--config run/config.yaml resumes it)
         self.resume: Optional[Resume] = None
         self._log_file: Optional[TextIO] = None
         self._streams = (sys.stdout, sys.stderr)
@@ -126,16 +130,24 @@ class Run:
         self.resume = find_resume(self.cfg.train, self.dir, config)
         if self.resume is not None:
             pos = self.resume.state["meta"]["position"]
+            accepted = self.resume.accepted
             self.log(f"{'would resume' if self.opts.dry_run else 'resuming'} from {self.resume.path} "
-                     f"(step {pos['step']}/{pos['total_steps']}); its settings match this config")
-        elif self.cfg.train.resume == "never" and os.path.isdir(os.path.join(self.dir, "checkpoints")):
-            self.log(f"train.resume=never: starting over in {self.dir} (its checkpoints will be replaced)")
+                     f"(step {pos['step']}/{pos['total_steps']}); "
+                     + ("its settings match this config" if not accepted else
+                        "settings changed, accepted by train.resume_allow: " + "; ".join(
+                            f"{k}: {v0!r} -> {v1!r}" for k, v0, v1 in accepted)))
         return self.resume
 
-    def write_files(self, cur: Curriculum, plan: Plan) -> None:
+    def check_plan(self, plan: Plan) -> None:
+        """Once the data is scanned: a resumed run's plan must have the checkpoint's length."""
+        if self.resume is not None:
+            check_plan_steps(self.resume, plan.total_steps, plan.dataset_size)
+
+    def write_files(self, cur: Curriculum, plan: Plan, savings: Optional[Dict[str, Any]] = None) -> None:
         """Rank 0's record of the run: the resolved config (``config.yaml``; a resumed run writes
         ``config.resume-N.yaml`` beside it, never over it) headed by the command and git commit,
-        ``curriculum.png`` and ``plan.json``."""
+        ``curriculum.png`` and ``plan.json`` (with the planned saving by pixels and by the model's
+        FLOPs, ``savings``, when measured)."""
         if not self.dist.is_main or self.opts.dry_run:
             return
         cfg = self.cfg
@@ -154,7 +166,7 @@ class Run:
         plot_curriculum(cur, os.path.join(self.dir, "curriculum.png"), cfg.curriculum.epochs, baseline)
         with open(os.path.join(self.dir, "plan.json"), "w") as f:
             json.dump({"curriculum": cur.to_dict(), "budget_epochs": plan.epochs, "dataset_size": plan.dataset_size,
-                       "rows": plan.rows()}, f, indent=2)
+                       "planned_saving": savings, "rows": plan.rows()}, f, indent=2)
 
 
 def settle_batch_size(train: Any, world_size: int) -> str:
@@ -186,6 +198,7 @@ _HABIT_SPECIAL = {
     "start_epoch": "nothing: a resumed run continues at its checkpoint's step",
     "dist_eval": "nothing: evaluation is always sharded over the processes",
     "pin_mem": "nothing: pinned memory is on whenever it helps",
+    "local_rank": "nothing: start several processes with torchrun (or --nproc N in tools/*.sh), which sets LOCAL_RANK",
 }
 
 
@@ -222,7 +235,7 @@ def cli_main(prog: str, description: str, schema: Type, run: Callable[..., Dict]
     from .config_doc import sections_summary
 
     ap = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         epilog="config sections and their keys (set any of them as key=value, e.g. train.blr=1e-4):\n"
                + sections_summary(schema))
     ap.add_argument("--config", help=config_help)
@@ -242,10 +255,17 @@ def cli_main(prog: str, description: str, schema: Type, run: Callable[..., Dict]
         print(f"{prog}: error: {_flag_hint(schema, flag, value)}", file=sys.stderr)
         return 2
     command = " ".join([prog, *map(shlex.quote, argv)])
+    command += f"  (in {os.getcwd()})"
+    stray = [a for a in args.overrides if "=" not in a and a.endswith((".yaml", ".yml"))]
+    if stray:
+        print(f"{prog}: error: {stray[0]!r} is not a key=value override; give a config file as --config {stray[0]}",
+              file=sys.stderr)
+        return 2
 
     def main() -> None:
         cfg = load_config(schema, args.config, args.overrides)
         if args.print_config:
+            settle_batch_size(cfg.train, int(os.environ.get("WORLD_SIZE", "1")))   # as the run will
             print(f"# {command}")
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return

@@ -41,7 +41,7 @@ from .config import ConfigError
 from .distributed import DistInfo, all_reduce_sum_
 from .optim import no_weight_decay
 from .plots import plot_eval_curve
-from .resume import Resume, find_resume
+from .resume import Resume, check_plan_steps, find_resume
 from .speed import RunTiming, StageTiming, format_saving, measured_saving
 
 
@@ -87,6 +87,24 @@ class TrainConfig:
             raise ConfigError(f"{where}.per_gpu_batch_size must be >= 1 (or null), got {self.per_gpu_batch_size}")
         if len(self.betas) != 2:
             raise ConfigError(f"{where}.betas must be two numbers, got {self.betas}")
+        for key, low in (("log_every", 1), ("keep_last", 0), ("save_every_steps", 0), ("eval_every_steps", 0)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"{where}.{key} must be >= {low}, got {getattr(self, key)}")
+        for key in ("blr", "lr", "min_lr", "weight_decay", "warmup_epochs", "clip_grad"):
+            value = getattr(self, key)
+            if value is not None and (value < 0 or (value == 0 and key in ("blr", "lr", "clip_grad"))):
+                raise ConfigError(f"{where}.{key} must be {'> 0' if key in ('blr', 'lr', 'clip_grad') else '>= 0'}"
+                                  f"{' (or null)' if key in ('lr', 'clip_grad') else ''}, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{where}.max_steps must be >= 1 (or null: the whole plan), got {self.max_steps}")
+
+    def check_budget(self, where: str, epochs: float) -> None:
+        """The warmup (in budget epochs) must end inside the budget ``curriculum.epochs``."""
+        if not epochs > 0:
+            raise ConfigError(f"curriculum.epochs must be > 0 (the budget), got {epochs}")
+        if self.warmup_epochs >= epochs:
+            raise ConfigError(f"{where}.warmup_epochs={self.warmup_epochs:g} is not below curriculum.epochs={epochs:g} "
+                              "(warmup is counted in budget epochs); allowed: 0 <= warmup_epochs < curriculum.epochs")
 
     def base_lr(self) -> float:
         return self.lr if self.lr is not None else self.blr * self.batch_size / 256
@@ -124,10 +142,15 @@ class Task(Protocol):
 
     # Optional: ``replay_dtypes`` (per prepared tensor, the dtype the replay buffer keeps it in),
     # ``replay_chunks`` (chunks per loader batch, default 32), ``on_stage_start(model, stage)``
-    # (per-size model preparation), ``metrics() -> dict`` (extra numbers for the log), and
-    # ``evaluate(model) -> dict`` with ``best_metric`` (a key of that dict, higher is better):
-    # then evaluation runs at stage ends (and every ``eval_every_steps``) and the best checkpoint
-    # is kept as ``checkpoint-best.pth``.
+    # (per-size model preparation), ``prepare_stage(model, stage, optimizer) -> bool`` (per-size
+    # parameter surgery: replace parameters by new ones of the stage's shapes and move the
+    # optimizer's references and state onto them; True when it replaced any parameter or buffer,
+    # then the loop builds DDP again. Called before ``on_stage_start`` at every stage start and,
+    # on resume, before the checkpoint is loaded, so the model and optimizer have the
+    # checkpoint's shapes), ``metrics() -> dict`` (extra numbers for the log), and
+    # ``evaluate(model) -> dict`` with ``best_metric`` (a key of that dict, higher is better; read
+    # at every evaluation, None: this evaluation does not compete): then evaluation runs at stage
+    # ends (and every ``eval_every_steps``) and the best checkpoint is kept as ``checkpoint-best.pth``.
 
 
 def sample_index(position: int, n: int, seed: int, _cache: Dict = {}) -> int:
@@ -218,9 +241,7 @@ class CurriculumTrainer:
         self.log = log if dist.is_main else (lambda msg: None)
         self.model = model.to(dist.device)
         check_plan_fits(plan, dist.world_size, getattr(task, "replay_chunks", 32))   # fail before training
-        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-                    if dist.enabled else self.model)
-        self.forward_model = self._compiled(self.ddp) if cfg.compile else self.ddp
+        self._wrap()
         self.optimizer = optimizer or torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.base_lr(),
                                                         betas=tuple(cfg.betas), fused=True)
         self.dtype = amp_dtype(cfg, dist.device)
@@ -235,6 +256,21 @@ class CurriculumTrainer:
         self.writer = CheckpointWriter()
         self._metrics_file = None
         self._tb = None
+
+    def _wrap(self) -> None:
+        """DDP (several processes) and torch.compile around ``self.model``; done again after a
+        task replaced parameters (DDP's reducer holds the parameters it was built with)."""
+        dev = self.dist.device
+        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+                    if self.dist.enabled else self.model)
+        self.forward_model = self._compiled(self.ddp) if self.cfg.compile else self.ddp
+
+    def _prepare_stage(self, ps: PlannedStage) -> None:
+        """The task's optional per-stage parameter surgery (see :class:`Task`); DDP is built again
+        around the new parameters (a compiled single-process model just recompiles for them)."""
+        prepare = getattr(self.task, "prepare_stage", None)
+        if prepare is not None and prepare(self.model, ps, self.optimizer) and self.dist.enabled:
+            self._wrap()
 
     # ---- torch.compile ---------------------------------------------------------------------------
     def shapes(self) -> List[Tuple[int, int]]:
@@ -319,12 +355,9 @@ class CurriculumTrainer:
         res = find_resume(self.cfg, self.run_dir, self.config_dict) if self._resume == "find" else self._resume
         if res is None:
             return False
-        saved = res.state["meta"]["position"]["total_steps"]
-        if saved != self.plan.total_steps:
-            raise ConfigError(
-                f"cannot resume from {res.path}: it belongs to a plan of {saved} steps, this run's plan has "
-                f"{self.plan.total_steps} with the same settings, so the dataset changed size (now {self.n} "
-                f"samples); use the run's data, a new train.output_dir, or train.resume=never to start over")
+        check_plan_steps(res, self.plan.total_steps, self.n)
+        step = int(res.state["step"])     # the checkpoint's parameters have its stage's shapes
+        self._prepare_stage(self.plan.stages[self.plan.at(min(step, self.plan.total_steps - 1)).stage_index])
         self.load_state_dict(res.state)
         self.log(f"resumed from {res.path} at step {self.step}/{self.plan.total_steps}")
         return True
@@ -435,6 +468,7 @@ class CurriculumTrainer:
             torch.cuda.synchronize(self.dist.device)
 
     def _start_stage(self, ps: PlannedStage) -> None:
+        self._prepare_stage(ps)
         if hasattr(self.task, "on_stage_start"):
             self.task.on_stage_start(self.model, ps)
         if self.replay is not None:

@@ -177,23 +177,17 @@ def check_arms(study: StudyConfig) -> None:
 
 
 def training_flops(run_dir: str, kind: str) -> Dict[str, float]:
-    """Planned training compute of a finished run: FLOPs (forward + backward, counted with
-    torch.utils.flop_counter at every stage size, times the samples the plan gives the stage)
-    and equivalent epochs at the final size (the pixel cost the curricula are defined by)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Planned training compute of a finished run: FLOPs (forward + backward per sample at every
+    stage size, engine.flops.flops_per_sample on the run's model and loss, times the samples the
+    plan's steps process) and equivalent epochs at the final size (the pixel cost the curricula
+    are defined by)."""
+    from engine.flops import flops_per_sample
 
     with open(os.path.join(run_dir, "plan.json")) as f:
         plan = json.load(f)
     with open(os.path.join(run_dir, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
-    model, loss_fn = _model_for_flops(cfg, kind)
-    per_size: Dict[int, float] = {}
-    for row in plan["rows"]:
-        s = row["size"]
-        if s not in per_size:
-            with FlopCounterMode(display=False) as counter:      # batch 2: BatchNorm needs two values in training
-                loss_fn(model, torch.randn(2, 3, s, s)).backward()
-            per_size[s] = float(counter.get_total_flops()) / 2
+    per_size = flops_per_sample(_model_for_flops(cfg, kind), [r["size"] for r in plan["rows"]])
     final = plan["rows"][-1]["size"]
     flops = sum(r["steps"] * r["batch_size"] * per_size[r["size"]] for r in plan["rows"])   # samples the steps ran
     eq = sum(r["sample_epochs"] * r["size"] ** 2 for r in plan["rows"]) / final ** 2
@@ -201,22 +195,19 @@ def training_flops(run_dir: str, kind: str) -> Dict[str, float]:
 
 
 def _model_for_flops(cfg: Dict[str, Any], kind: str):
+    """The run's model and loss prepared per stage size (an engine.flops ``Build``), from its
+    resolved config: the MAE with its mask ratio and target, or the classifier."""
+    from engine.config import from_dict
+    from engine.flops import classifier_builder, mae_builder
+
     if kind == "pretrain":
         from pretrain.config import PretrainConfig
-        from pretrain.models_mae import create_mae
-        from engine.config import from_dict
 
         c = from_dict(PretrainConfig, {**cfg, "data": {**cfg["data"], "path": cfg["data"]["path"] or "x"}})
-        model = create_mae(c.model.arch, **c.model.overrides())
-        mask = c.model.mask_ratio
-        return model, lambda m, x: m(x, mask_ratio=mask)[0]
+        return mae_builder(c.model)
     from finetune.config import FinetuneConfig
-    from finetune.models import create_classifier
-    from engine.config import from_dict
 
-    c = from_dict(FinetuneConfig, cfg)
-    model = create_classifier(c.model, dynamic_size=True)
-    return model, lambda m, x: m(x).float().logsumexp(-1).sum()
+    return classifier_builder(from_dict(FinetuneConfig, cfg).model)
 
 
 def _config_hash(cmd: Sequence[str]) -> str:
@@ -408,15 +399,15 @@ def write_report(report: Dict[str, Any], out: str, command: str) -> None:
     """study.json, study.md (the table) and study.png (accuracy vs wall time and vs compute)."""
     atomic_write_json({**report, "command": command}, os.path.join(out, "study.json"))
     metrics = [m for m in METRICS[report["kind"]] if any(m in a["accuracy"] for a in report["arms"])]
-    head = ["arm", "curriculum", "budget (eq. epochs)", "planned speedup", "train FLOP", "FLOPs saving",
+    head = ["arm", "curriculum", "budget (eq. epochs)", "train FLOP", "planned speedup (pixel)", "FLOPs saving",
             "wall min (steps)", "measured speedup", *[f"{m} top-1 %" for m in metrics], "seeds"]
     lines = [f"# Study {report['name']}", "", report["description"].strip(), "",
              f"Command: `{command}`  ", f"Device: {report['device']}  ", f"Base config: `{report['config']}`, data "
              f"`{report['data']}`", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for a in report["arms"]:
         row = [a["arm"] + (" (baseline)" if a["baseline"] else ""), a["curriculum"],
-               f"{a['budget_epochs']:g} ({a['equivalent_epochs']:.1f})", f"{a['planned_speedup']:.2f}x",
-               _si(a["train_flops"]), f"{a['flops_saving']:.2f}x", _fmt(a["wall_s"], 1 / 60),
+               f"{a['budget_epochs']:g} ({a['equivalent_epochs']:.1f})", _si(a["train_flops"]),
+               f"{a['planned_speedup']:.2f}x", f"{a['flops_saving']:.2f}x", _fmt(a["wall_s"], 1 / 60),
                f"{a['measured_speedup']:.2f}x",
                *[_fmt(a["accuracy"][m]) if m in a["accuracy"] else "-" for m in metrics],
                ", ".join(map(str, a["seeds"]))]
@@ -427,8 +418,10 @@ def write_report(report: Dict[str, Any], out: str, command: str) -> None:
         if not a["baseline"]:
             lines.append(f"- {a['arm']}: " + "; ".join(f"{m} {v}" for m, v in a["vs_baseline"].items()))
     lines += ["", "Wall time is the arms' training steps (data loading included; checkpoints, pictures and "
-              "monitor evaluations excluded), summed over resumed processes. FLOPs are forward + backward, "
-              "counted with torch.utils.flop_counter per stage size."]
+              "monitor evaluations excluded), summed over resumed processes. The planned speedup is in the pixel "
+              "cost (B^2) the curricula are planned with; the FLOPs saving is the baseline arm's training FLOPs "
+              "over the arm's, forward + backward per sample counted on the arm's model at every stage size "
+              "(engine.flops), times the samples the plan's steps process."]
     md = os.path.join(out, "study.md")
     with open(md + ".tmp", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

@@ -8,6 +8,7 @@ from engine.config import ConfigError, join_key
 from engine.trainer import TrainConfig
 
 MODES = ("finetune", "linprobe", "train", "eval")
+GLOBAL_POOLS = ("avg", "token", "", "max", "avgmax", "map")
 
 
 @dataclass
@@ -21,6 +22,12 @@ class ClassifierConfig:
     checkpoint: str = ""                  # pretrained weights: our MAE / fine-tuned checkpoints or official MAE files
     layer_decay: float = 0.75             # layer-wise lr decay for ViTs (1.0 = off)
     kwargs: Dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments
+    resize: Literal["official", "forward"] = "official"   # ViT / Swin across curriculum sizes (ConvNets: no effect):
+                                          # official (as the official ET++ code: at each stage change the ViT
+                                          # pos-embed table moves to the stage grid and the Swin window to
+                                          # size // 32, tables and AdamW moments bilinearly interpolated from the
+                                          # previous stage's) | forward (deviation: one final-size table resampled
+                                          # in every forward pass, Swin keeps window 7 and pads feature maps)
 
     def validate(self, where: str) -> None:
         import timm
@@ -32,6 +39,13 @@ class ClassifierConfig:
             raise ConfigError(f"{where}.name: {self.name!r} is not a timm model; allowed: auto (the architecture "
                               f"model.checkpoint records) or any name of timm.list_models()"
                               + (f"; did you mean {', '.join(close)}?" if close else ""))
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ConfigError(f"{where}.global_pool: {self.global_pool!r} is not allowed; allowed: "
+                              f"{', '.join(map(repr, GLOBAL_POOLS))} (timm ViT pooling)")
+        if self.resize not in ("official", "forward"):
+            raise ConfigError(f"{where}.resize: {self.resize!r} is not allowed; allowed: official (per-stage ViT "
+                              "position / Swin window tables, as the official code) or forward (final-size tables "
+                              "resampled in the forward pass)")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"{where}.layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.num_classes < 1:
@@ -60,6 +74,18 @@ class ClassifierDataConfig:
             raise ConfigError(f"{where}.path is required: a folder with {self.train_dir}/ and {self.val_dir}/ (ImageFolder layout)")
         if not 0 < self.crop_pct <= 1:
             raise ConfigError(f"{where}.crop_pct must be in (0, 1], got {self.crop_pct}")
+        sc = self.scale
+        if not (isinstance(sc, (list, tuple)) and len(sc) == 2 and all(isinstance(v, (int, float)) for v in sc)
+                and 0 < sc[0] <= sc[1] <= 1):
+            raise ConfigError(f"{where}.scale must be [min, max] with 0 < min <= max <= 1, got {sc!r}")
+        if self.randaug:
+            from timm.data.auto_augment import rand_augment_transform
+
+            try:
+                rand_augment_transform(self.randaug, {})
+            except (AssertionError, ValueError, KeyError) as e:
+                raise ConfigError(f"{where}.randaug: {self.randaug!r} is not a timm RandAugment spec ({e}); allowed: "
+                                  "'' (off) or e.g. rand-m9-mstd0.5-inc1 (rand-<m|n|mstd|inc|w><value>-...)") from None
 
 
 @dataclass
@@ -96,6 +122,8 @@ class FinetuneConfig:
             raise ConfigError(f"{join_key(where, 'mode')}: {self.mode!r} is not allowed; allowed: {', '.join(MODES)}")
         if self.optimizer not in ("adamw", "lars"):
             raise ConfigError(f"{join_key(where, 'optimizer')}: {self.optimizer!r} is not allowed; allowed: adamw, lars")
+        if self.mode != "eval":
+            self.train.check_budget(join_key(where, "train"), self.curriculum.epochs)
         if self.mode in ("finetune", "linprobe", "eval") and not self.model.checkpoint:
             raise ConfigError(f"{join_key(where, 'model.checkpoint')} is required for mode {self.mode!r} "
                               "(a pretraining/encoder checkpoint, or a fine-tuned one for eval)")

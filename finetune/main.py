@@ -13,9 +13,11 @@ from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.config import ConfigError, to_dict
 from engine.data import EvalDataset, check_same_classes, eval_transform, image_folder
 from engine.distributed import DistInfo, barrier
+from engine.flops import classifier_builder, log_planned_savings
 from engine.optim import describe_groups, param_groups_layer_decay
 from engine.run import Run, RunOptions, cli_main
 from engine.trainer import CurriculumTrainer, check_plan_fits
+from pretrain.demo_data import demo_dataset_exists, generate_demo_dataset
 
 from .config import FinetuneConfig
 from .models import (classifier_depth, create_classifier, init_head, load_pretrained, make_linear_probe,
@@ -83,25 +85,31 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
                                   f"micro-batch; stage(s) {odd} of this run have an odd one: choose train.batch_size "
                                   "(or train.per_gpu_batch_size) so that it is even, or set data.mixup=0 data.cutmix=0")
         r.find_resume(to_dict(cfg))
-        if d.demo and dist.is_main:
-            from pretrain.demo_data import generate_demo_dataset
-
-            generate_demo_dataset(d.path)   # no-op when it is already there
+        if d.demo and r.opts.dry_run and not demo_dataset_exists(d.path):
+            log(f"dry run: data.demo=true and the demo set is not generated yet ({d.path}); the first real run "
+                "writes it. Everything before the data checks out; the plan needs the data, so it is not shown")
+            return {"dry_run": True, "run_dir": r.dir}
+        if d.demo and dist.is_main and not r.opts.dry_run:
+            generate_demo_dataset(d.path, reuse_any=True)   # any demo set there will do (the pretraining demo's)
         barrier(dist)
         val_files, val_labels, classes = image_folder(os.path.join(d.path, d.val_dir))
         check_num_classes(cfg, classes)
         train_files, train_labels, train_classes = image_folder(os.path.join(d.path, d.train_dir))
         check_same_classes(train_classes, classes, os.path.join(d.path, d.train_dir), os.path.join(d.path, d.val_dir))
         plan = cur.plan(cfg.curriculum.epochs, len(train_files), t.batch_size, t.accum_steps)
+        r.check_plan(plan)
         log(f"{cfg.mode}: {cfg.model.name} at {cfg.model.img_size}px on {len(train_files)} images / {len(classes)} "
             f"classes, curriculum {cur.name} ({plan.total_steps} steps), lr {t.base_lr():.3g}")
+        savings = (log_planned_savings(classifier_builder(cfg.model), cur, cfg.curriculum.epochs,
+                                       cfg.curriculum.baseline_epochs or cfg.curriculum.epochs, log, cfg.model.name)
+                   if dist.is_main else None)   # the pixel plan beside the model's FLOPs
         if r.opts.dry_run:
             log("\n".join(f"stage {row['stage']}: size {row['size']}, steps {row['start_step']}-{row['end_step']}"
                           for row in plan.rows()))
             log("dry run: the config, checkpoint, curriculum and data check out; nothing was trained or written")
             return {"dry_run": True, "total_steps": plan.total_steps, "run_dir": r.dir}
         optimizer = build_optimizer(cfg, model, dist)
-        r.write_files(cur, plan)
+        r.write_files(cur, plan, savings)
         if dist.is_main:
             groups = describe_groups(optimizer.param_groups)
             with open(os.path.join(r.dir, "param_groups.txt"), "w") as f:
@@ -133,12 +141,17 @@ def run_eval(cfg: FinetuneConfig, r: Run, ckpt: Dict) -> Dict:
     model = create_classifier(cfg.model)
     if ckpt.get("meta", {}).get("linear_probe"):
         make_linear_probe(model)
-    try:
-        model.load_state_dict(ckpt.get("model", ckpt), strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"model.checkpoint {cfg.model.checkpoint!r} does not fit {cfg.model.name} "
-                              f"(mode=eval loads every key strictly: a fine-tuned or probed checkpoint): "
-                              f"{str(e).splitlines()[0]} ...") from None
+    sd, own = ckpt.get("model", ckpt), model.state_dict()
+    problems = ([f"missing {k}" for k in own if k not in sd] + [f"unexpected {k}" for k in sd if k not in own]
+                + [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
+                   if k in own and hasattr(v, "shape") and v.shape != own[k].shape])
+    if problems:
+        hint = (f"; the head does not match model.num_classes={cfg.model.num_classes}"
+                if any(p.startswith("head.") for p in problems) else "")
+        raise CheckpointError(f"model.checkpoint {cfg.model.checkpoint!r} does not fit {cfg.model.name} (mode=eval "
+                              f"loads a fine-tuned or probed checkpoint strictly): {'; '.join(problems[:5])}"
+                              f"{f' ... ({len(problems)} problems)' if len(problems) > 5 else ''}{hint}")
+    model.load_state_dict(sd, strict=True)
     files, labels, classes = image_folder(os.path.join(cfg.data.path, cfg.data.val_dir))
     check_num_classes(cfg, classes)
     model.to(r.dist.device)
@@ -148,8 +161,10 @@ def run_eval(cfg: FinetuneConfig, r: Run, ckpt: Dict) -> Dict:
         r.log(f"dry run: would evaluate {cfg.model.checkpoint} on {len(files)} images")
         return {"dry_run": True}
     metrics = evaluate(model, loader, r.dist.device, max_batches=cfg.eval.max_batches)
+    n = len(files) if cfg.eval.max_batches is None else min(len(files), cfg.eval.max_batches * loader.batch_size)
+    part = f" of {len(files)}, eval.max_batches={cfg.eval.max_batches}" if n < len(files) else ""
     r.log(f"eval {cfg.model.checkpoint}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
-          f"loss {metrics['loss']:.4f} ({len(files)} images)")
+          f"loss {metrics['loss']:.4f} ({n} images{part})")
     return {"eval": metrics}
 
 

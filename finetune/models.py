@@ -106,9 +106,11 @@ def resolve_architecture(cfg: ClassifierConfig, ckpt: Optional[Dict[str, Any]]) 
 
 
 def create_classifier(cfg: ClassifierConfig, dynamic_size: bool = False) -> nn.Module:
-    """timm model ``cfg.name``; ViTs get ``global_pool`` and, for curriculum training,
-    ``dynamic_img_size`` (position embeddings stay at the final grid and are resampled in the
-    forward pass, so stage changes need no parameter or optimizer-state surgery)."""
+    """timm model ``cfg.name``; ViTs are built for ``img_size`` and get ``global_pool`` and, for
+    curriculum training, ``dynamic_img_size``. With ``model.resize=forward`` the position table
+    stays at the final grid and is resampled in every forward pass; with ``official`` the training
+    task re-makes it at each stage's grid (:mod:`finetune.resize`), so a forward pass at the stage
+    size uses it as it is and only other sizes (a FLOPs count, an ad-hoc evaluation) resample it."""
     kwargs = dict(cfg.kwargs)
     kwargs.setdefault("drop_path_rate", cfg.drop_path)
     if not timm.is_model(cfg.name):     # from_dict checked the config; a name resolved from a file is checked here
@@ -204,7 +206,8 @@ def classifier_depth(model: nn.Module) -> int:
 
 
 def check_resizable(model: nn.Module, size: int) -> Tuple[bool, str]:
-    """Prepare ``model`` for input ``size`` without changing any parameter, or say why not.
+    """Prepare ``model`` for input ``size`` without changing any parameter, or say why not
+    (``model.resize=forward``, and every model but Swin / ViT with ``official``).
 
     ConvNets need nothing; ViTs need ``dynamic_img_size`` (position embeddings resampled in the
     forward pass); Swin-like models keep their window size and pad feature maps to whole windows

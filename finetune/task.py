@@ -22,6 +22,7 @@ from engine.trainer import Prepared, RunBatches
 from .config import FinetuneConfig
 from .data import CurriculumTrainDataset, collate_train
 from .models import check_resizable
+from .resize import current_size, handles, move_optimizer_state, prepare_for_size
 
 
 @torch.no_grad()
@@ -54,7 +55,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, dist: Optional[Dist
 
 
 class ClassificationTask:
-    best_metric = "top1"
     replay_dtypes = (torch.float16, None)     # stage-size images as the official replay stores them; labels as they are
 
     def __init__(self, cfg: FinetuneConfig, train_files: Sequence[str], train_labels: Sequence[int],
@@ -70,12 +70,22 @@ class ClassificationTask:
                           else LabelSmoothingCrossEntropy(d.smoothing) if d.smoothing > 0 else nn.CrossEntropyLoss())
         self.erasing = (RandomErasing(d.reprob, mode="pixel", max_count=1, device=str(dist.device))
                         if d.reprob > 0 else None)
-        val = EvalDataset(val_files, val_labels, eval_transform(cfg.model.img_size, d.crop_pct))
+        self.val_files, self.val_labels = list(val_files), list(val_labels)
+        self.val_loader = self._make_val_loader(cfg.model.img_size)
+        self._val_loaders = {cfg.model.img_size: self.val_loader}
+        # model.resize=official: the input size the Swin / ViT parameters are shaped for (None: not
+        # re-shaped, the final size); a randomly initialised model gets its tables drawn afresh at
+        # the first stage's shapes, as the official code builds the model at that size
+        self.param_size: Optional[int] = None
+        self._random_init = cfg.mode == "train" and not cfg.model.checkpoint
+
+    def _make_val_loader(self, size: int) -> torch.utils.data.DataLoader:
+        val = EvalDataset(self.val_files, self.val_labels, eval_transform(size, self.cfg.data.crop_pct))
         sampler = (torch.utils.data.distributed.DistributedSampler(val, shuffle=False)
-                   if dist.enabled else None)
-        self.val_loader = torch.utils.data.DataLoader(val, batch_size=max(1, min(256, cfg.train.batch_size)),
-                                                      sampler=sampler, num_workers=d.num_workers,
-                                                      pin_memory=dist.device.type == "cuda")
+                   if self.dist.enabled else None)
+        return torch.utils.data.DataLoader(val, batch_size=max(1, min(256, self.cfg.train.batch_size)),
+                                           sampler=sampler, num_workers=self.cfg.data.num_workers,
+                                           pin_memory=self.dist.device.type == "cuda")
 
     def make_loader(self, batches: RunBatches) -> torch.utils.data.DataLoader:
         d = self.cfg.data
@@ -86,7 +96,25 @@ class ClassificationTask:
                                            collate_fn=collate_train, generator=gen,
                                            pin_memory=self.dist.device.type == "cuda")
 
+    def prepare_stage(self, model: nn.Module, ps: PlannedStage, optimizer: torch.optim.Optimizer) -> bool:
+        """``model.resize=official``: give a Swin / ViT the stage size's windows or patch grid and
+        position tables (:mod:`finetune.resize`), carrying the optimizer state over the same way.
+        A no-op when the model already has the stage's shapes (a resumed run, prepared before its
+        checkpoint was loaded). True when it changed the model (new parameters, or buffers such
+        as Swin's index tables and masks, which a DDP wrapper would otherwise hold stale)."""
+        if self.cfg.model.resize != "official" or not handles(model):
+            return False
+        untrained = self._random_init and not any(optimizer.state.values())
+        init = torch.Generator().manual_seed(self.cfg.train.seed) if untrained else None
+        before = current_size(model)
+        swaps = prepare_for_size(model, ps.stage.size, init)
+        move_optimizer_state(optimizer, swaps)
+        self.param_size = current_size(model)
+        return bool(swaps) or self.param_size != before
+
     def on_stage_start(self, model: nn.Module, ps: PlannedStage) -> None:
+        if self.cfg.model.resize == "official" and handles(model):
+            return                              # prepared by prepare_stage
         ok, why = check_resizable(model, ps.stage.size)
         if not ok:
             raise ConfigError(f"model.name={self.cfg.model.name} cannot train at input size {ps.stage.size} in this run: {why}. "
@@ -115,8 +143,24 @@ class ClassificationTask:
             x, labels = self.mixup(x, labels)
         return self.criterion(model(x), labels)
 
+    @property
+    def best_metric(self) -> Optional[str]:
+        """top1; None while the parameters have a smaller stage's shapes (model.resize=official):
+        such a model is evaluated at its stage size and its checkpoint does not load into the
+        final-size model, so only final-shape evaluations compete for checkpoint-best.pth."""
+        return None if self._eval_size() != self.cfg.model.img_size else "top1"
+
+    def _eval_size(self) -> int:
+        return self.param_size or self.cfg.model.img_size
+
     def evaluate(self, model: nn.Module) -> Dict[str, float]:
-        return evaluate(model, self.val_loader, self.dist.device, self.dist, max_batches=self.cfg.eval.max_batches)
+        """Top-1 / top-5 / loss with the final-size evaluation transform; a Swin / ViT prepared for a
+        smaller stage (model.resize=official) at that stage's size (resize to size / crop_pct,
+        centre crop size), as the official code evaluates every stage."""
+        size = self._eval_size()
+        if size not in self._val_loaders:
+            self._val_loaders = {self.cfg.model.img_size: self.val_loader, size: self._make_val_loader(size)}
+        return evaluate(model, self._val_loaders[size], self.dist.device, self.dist, max_batches=self.cfg.eval.max_batches)
 
     def on_stage_end(self, model: nn.Module, ps: PlannedStage, run_dir: str) -> None:
         pass
@@ -125,4 +169,6 @@ class ClassificationTask:
         m = self.cfg.model
         return {"kind": f"classifier_{self.cfg.mode}", "model_name": m.name, "num_classes": m.num_classes,
                 "img_size": m.img_size, "global_pool": m.global_pool, "model_kwargs": dict(m.kwargs),
+                "param_size": self._eval_size(),   # the input size the parameters are shaped for (a stage's
+                                                   # in a low-resolution stage with model.resize=official)
                 "linear_probe": self.cfg.mode == "linprobe"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
-from engine.config import ConfigError
+from engine.config import ConfigError, join_key
 from engine.trainer import TrainConfig
 from evaluation.knn import KNNConfig
 
@@ -121,4 +121,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)   # pretraining images and how they are loaded
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)   # the EfficientTrain curriculum and the budget
     train: TrainConfig = field(default_factory=TrainConfig)   # optimisation, batch, checkpoints, logging, resume
-    eval: EvalConfig = field(default_factory=EvalConfig)   # evaluation during pretraining
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, where: str) -> None:
+        self.train.check_budget(join_key(where, "train"), self.curriculum.epochs)   # evaluation during pretraining

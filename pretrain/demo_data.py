@@ -16,6 +16,8 @@ from typing import Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from engine.data import DataError
+
 CLASSES = ("disc", "square", "triangle", "cross")
 _STAMP = ".complete"
 DEMO_VERSION = 2   # bump when the generator changes, so existing demo sets are regenerated
@@ -70,18 +72,27 @@ def _foreground(rng: np.random.Generator, img: Image.Image, label: int) -> None:
     img.paste(Image.fromarray(tex), (0, 0), mask)
 
 
+def demo_dataset_exists(root: str) -> bool:
+    """Whether ``root`` holds a finished generated demo set (of any size)."""
+    return os.path.isfile(os.path.join(root, _STAMP))
+
+
 def generate_demo_dataset(root: str, num_images: int = 1200, size: int = 96, val_fraction: float = 0.2,
-                          seed: int = 0) -> str:
-    """Write the demo set under ``root`` (idempotent: a finished set is left alone). Returns root."""
+                          seed: int = 0, reuse_any: bool = False) -> str:
+    """Write the demo set under ``root`` (idempotent: a finished set is left alone; one generated
+    with other parameters is regenerated, unless ``reuse_any``: a caller that only needs some
+    demo set, like the fine-tuning demo, keeps the one it finds). Returns root."""
     stamp = f"demo v{DEMO_VERSION}: {num_images} images, size {size}, seed {seed}\n"
     stamp_path = os.path.join(root, _STAMP)
     if os.path.isfile(stamp_path):
         with open(stamp_path) as f:
-            if f.read() == stamp:
+            if reuse_any or f.read() == stamp:
                 return root
         shutil.rmtree(root)          # an older or different demo set: regenerate it
     elif os.path.isdir(root) and os.listdir(root):
-        raise FileExistsError(f"{root} exists and is not a generated demo set; choose another data.path")
+        raise DataError(f"data.path {root!r} exists and is not a generated demo set, but data.demo=true would "
+                        "generate one there; set data.demo=false to train on that folder, or choose another "
+                        "data.path for the demo set")
     print(f"generating the demo image set in {root} ({num_images} images) ...", flush=True)
     rng = np.random.default_rng(seed)
     n_val = int(num_images * val_fraction)

@@ -13,11 +13,12 @@ from engine.checkpoint import atomic_save
 from engine.config import ConfigError, to_dict
 from engine.data import open_image_source
 from engine.distributed import barrier
+from engine.flops import log_planned_savings, mae_builder
 from engine.run import Run, RunOptions, cli_main
 from engine.trainer import CurriculumTrainer, check_plan_fits
 
 from .config import PretrainConfig
-from .demo_data import generate_demo_dataset
+from .demo_data import demo_dataset_exists, generate_demo_dataset
 from .models_mae import create_mae
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
@@ -75,12 +76,17 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
         check_plan_fits(cur.plan(cfg.curriculum.epochs, 1, t.batch_size, t.accum_steps), dist.world_size,
                         cfg.data.replay_chunks)
         r.find_resume(to_dict(cfg))
-        if cfg.data.demo and dist.is_main:
+        if cfg.data.demo and r.opts.dry_run and not demo_dataset_exists(cfg.data.path):
+            log(f"dry run: data.demo=true and the demo set is not generated yet ({cfg.data.path}); the first real "
+                "run writes it. Everything before the data checks out; the plan needs the data, so it is not shown")
+            return {"dry_run": True, "run_dir": r.dir}
+        if cfg.data.demo and dist.is_main and not r.opts.dry_run:
             generate_demo_dataset(cfg.data.path, cfg.data.demo_images)   # no-op when it is already there
         barrier(dist)
         data_path = os.path.join(cfg.data.path, "train") if cfg.data.demo else cfg.data.path
         source = open_image_source(data_path)
         plan = cur.plan(cfg.curriculum.epochs, len(source), t.batch_size, t.accum_steps)
+        r.check_plan(plan)
         baseline = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs
         model = create_mae(cfg.model.arch, **cfg.model.overrides())
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -88,6 +94,8 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
             f"curriculum {cur.name} ({cur.budget} budget {cfg.curriculum.epochs:g}, "
             f"{cur.speedup(cfg.curriculum.epochs, baseline):.2f}x less compute than {baseline:g} epochs at "
             f"{cur.final_size}), {dist.world_size} process(es) on {dist.device}")
+        savings = (log_planned_savings(mae_builder(cfg.model), cur, cfg.curriculum.epochs, baseline, log,
+                                       f"MAE {cfg.model.arch}") if dist.is_main else None)   # pixels beside FLOPs
         log(curriculum_table(plan, cfg.model.patch, t.base_lr(), t.warmup_epochs, t.min_lr, dist.world_size))
         if r.opts.dry_run:
             log("dry run: the config, curriculum, data and checkpoints check out; nothing was trained or written")
@@ -96,7 +104,7 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
 
         task = MAETask(cfg, source, dist)
         log(f"decode on {task.decode}")
-        r.write_files(cur, plan)
+        r.write_files(cur, plan, savings)
         trainer = CurriculumTrainer(t, model, task, plan, dist, r.dir, to_dict(cfg), len(source),
                                     baseline_epochs=baseline, resume=r.resume)
         r.resume = None                 # the trainer holds it now; free the loaded tensors with it

@@ -27,8 +27,19 @@ class MaskedAutoencoderViT(nn.Module):
                  depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0,
                  norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6),
-                 target: str = "norm_pixel", pos_embed_mode: str = "scaled") -> None:
+                 target: Optional[str] = None, pos_embed_mode: str = "scaled",
+                 norm_pix_loss: Optional[bool] = None) -> None:
+        """``target``: pixel | norm_pixel | hog (default norm_pixel). ``norm_pix_loss``: the official
+        constructor's keyword, accepted so scripts written for facebookresearch/mae's
+        ``models_mae`` build this model unchanged (True: norm_pixel, False: pixel)."""
         super().__init__()
+        if norm_pix_loss is not None:
+            implied = "norm_pixel" if norm_pix_loss else "pixel"
+            if target is not None and target != implied:
+                raise ValueError(f"norm_pix_loss={norm_pix_loss} means target {implied!r}, but target={target!r} "
+                                 "was given too; pass one of them")
+            target = implied
+        target = target or "norm_pixel"
         if target not in TARGETS:
             raise ValueError(f"unknown MAE target {target!r}; allowed: {', '.join(TARGETS)}")
         if pos_embed_mode not in POS_EMBED_MODES:

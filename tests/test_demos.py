@@ -27,7 +27,7 @@ def test_pretrain_then_finetune_demo(tmp_path):
     assert "total: " in log and "optimizer steps" in log and "exported to" in log and "\r" not in log
     header = (pre / "config.yaml").read_text().splitlines()[:2]
     assert header[0] == "# command: python -m pretrain --config " + str(ROOT / "configs/pretrain/demo.yaml") \
-        + " train.output_dir=demo data.path=data"
+        + f" train.output_dir=demo data.path=data  (in {tmp_path})"
     assert re.fullmatch(r"# git: ([0-9a-f]{40}(\+dirty)?|unknown .*)", header[1]), header[1]
     with open(pre / "metrics.jsonl") as f:
         m = [json.loads(line) for line in f]
@@ -58,5 +58,12 @@ def test_wrapper_help_sets_nothing_up_and_lists_options(tmp_path):
         assert "--nproc" in r.stdout and f"usage: python -m {module}" in r.stdout
         assert "  train: batch_size, per_gpu_batch_size" in r.stdout and "docs/config.md" in r.stdout
         assert "running the pretraining demo" not in r.stdout and not (tmp_path / "runs").exists()
+        assert "[setup]" not in r.stdout + r.stderr                     # nothing was set up either
+    # --config FILE as python -m takes it (no demo pretraining first), --dry-run writes nothing
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("mode: train\nmodel: {name: resnet10t, num_classes: 4}\ndata: {path: nowhere}\n")
+    r = sh("finetune.sh", "--config", "ft.yaml", "--print-config", cwd=tmp_path)
+    assert r.returncode == 0 and "name: resnet10t" in r.stdout, r.stderr[-2000:]
+    assert "running the pretraining demo" not in r.stdout and not (tmp_path / "runs").exists()
     r = sh("pretrain.sh", "--nproc", "two", cwd=tmp_path)
     assert r.returncode == 2 and "--nproc must be a positive number of processes, got 'two'" in r.stderr

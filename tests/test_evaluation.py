@@ -211,7 +211,8 @@ def test_study_runs_reports_skips_and_resumes(folder, tmp_path):
     assert sum("evaluating again" in m for m in logs) == 2 and not any("training" in m for m in logs)
     # a changed study for a finished arm is refused, not mixed in
     changed = study_yaml(tmp_path, folder, seeds=[0])
-    study2 = load_config(StudyConfig, str(changed), ["overrides=[train.blr=0.5]"])
+    study2 = load_config(StudyConfig, str(changed))
+    study2.overrides = [*study2.overrides, "train.blr=0.5"]
     with pytest.raises(ConfigError, match="was run with another command"):
         run_study(study2, "test", log=logs.append)
 

@@ -44,9 +44,9 @@ def pretrain(*argv):
 
 
 def err_of(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return err
+    """stderr of an in-process main() that returned (an unexpected exception would have propagated
+    and failed the test instead)."""
+    return capsys.readouterr().err
 
 
 def metrics(run_dir):
@@ -86,6 +86,15 @@ def test_pretrain_user_errors_exit_2_with_the_key_or_file(root, tmp_path, capsys
         (["--batch_size=64"], "use train.per_gpu_batch_size=64"),
         (["--norm_pix_loss"], "use model.target=norm_pixel"),
         (["--bogus"], "unknown option --bogus; options: --config, --print-config, --dry-run"),
+        (["--print"], "unknown option --print;"),                                   # no abbreviations
+        (["configs/pretrain/demo.yaml"], "give a config file as --config configs/pretrain/demo.yaml"),
+        (["train.log_every=0"], "train.log_every must be >= 1, got 0"),
+        (["train.clip_grad=-1"], "train.clip_grad must be > 0 (or null), got -1.0"),
+        (["train.warmup_epochs=2"], "train.warmup_epochs=2 is not below curriculum.epochs=1.5"),
+        (["curriculum.epochs=0"], "curriculum.epochs must be > 0 (the budget), got 0.0"),
+        (["train.resume_allow=[train.bllr]"], "train.resume_allow names ['train.bllr'], which are no key or section "
+                                              "of this config (did you mean train.blr?)"),
+        (["data.demo=true"], "exists and is not a generated demo set, but data.demo=true would generate one there"),
     ]
     for extra, message in cases:
         assert pretrain(*tiny(data, tmp_path / "run", *extra)) == 2, extra
@@ -107,7 +116,7 @@ def test_every_stage_is_checked_before_the_data_scan_or_any_step(root, tmp_path,
     assert "not divisible by data.replay_chunks=3" in err
     assert not (out / "checkpoints").exists() and not (out / "config.yaml").exists()
     assert "error: curriculum stage 1" in (out / "log.txt").read_text()     # the failure is in the run's log too
-    assert pretrain(*tiny(root / "train", out, "train.batch_size=9", "train.accum_steps=2")) == 2
+    assert pretrain(*tiny(root / "train", out, "train.batch_size=9", "train.accum_steps=2", "train.resume=never")) == 2
     assert "curriculum 'etpp', stage 0: batch size 9 is not divisible by accum_steps 2" in err_of(capsys)
 
 
@@ -126,16 +135,23 @@ def test_resume_refuses_changed_settings_and_keeps_the_record(root, tmp_path, ca
         err = err_of(capsys)
         assert f"cannot resume from {out}/checkpoints/checkpoint-latest.pth: {len(lines)} setting(s) differ" in err
         assert all(line in err for line in lines), err
-        assert "train.resume_allow=[" in err
+        assert ("model.depth cannot change within a run" in err) if extra == ["model.depth=2"] else \
+            ("train.resume_allow=[" in err)
         assert (out / "config.yaml").read_bytes() == record            # the run's record is untouched
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     # the same refusal without training anything: --dry-run
     assert pretrain(*tiny(data, out, "train.blr=0.01", "--dry-run")) == 2
     assert "train.blr: 0.00015 in the run, 0.01 now" in err_of(capsys)
+    # the architecture cannot be accepted; starting over in the same folder is refused too
+    assert pretrain(*tiny(data, out, "model.depth=2", "train.resume_allow=['*']")) == 2
+    assert "not possible for model.depth" not in (err := err_of(capsys)) and "model.depth cannot change" in err
+    assert pretrain(*tiny(data, out, "train.resume=never")) == 2
+    assert f"train.resume=never, but {out} holds the checkpoints of a run" in err_of(capsys)
 
     # accepted explicitly: it continues, and the new settings are written beside the original
     assert pretrain(*tiny(data, out, "train.max_steps=5", "train.log_every=2", "train.blr=0.01",
                           "train.resume_allow=[train.blr]")) == 0
+    assert "settings changed, accepted by train.resume_allow: train.blr: 0.00015 -> 0.01" in capsys.readouterr().out
     assert (out / "config.yaml").read_bytes() == record
     resumed = (out / "config.resume-1.yaml").read_text()
     assert f"# resumed from: {out}/checkpoints/checkpoint-latest.pth at step 3" in resumed
@@ -148,7 +164,7 @@ def test_resume_refuses_changed_settings_and_keeps_the_record(root, tmp_path, ca
     assert "nothing to train: the run is at step 5/" in again and "train.max_steps=5" in again and "nan" not in again
     assert (out / "config.resume-2.yaml").is_file() and [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
     log = (out / "log.txt").read_text()
-    assert log.count("===== ") == 6 and "error: cannot resume from" in log and "total: " in log
+    assert log.count("===== ") == 8 and "error: cannot resume from" in log and "total: " in log
 
 
 def test_steps_logged_after_the_last_checkpoint_appear_once(root, tmp_path):
@@ -192,9 +208,10 @@ def test_print_config_dry_run_and_per_gpu_batch(root, tmp_path, capsys):
     assert pretrain(*argv, "--print-config") == 0
     printed = capsys.readouterr().out
     assert printed.startswith("# python -m pretrain ")
+    assert "  batch_size: 4\n" in printed                # per_gpu_batch_size x processes x accum, as the run uses
     saved = tmp_path / "printed.yaml"
     saved.write_text(printed)
-    assert load_config(PretrainConfig, str(saved)) == load_config(PretrainConfig, None, argv)   # it round-trips
+    assert load_config(PretrainConfig, str(saved)) == load_config(PretrainConfig, None, argv + ["train.batch_size=4"])
     assert pretrain(*argv, "--dry-run") == 0
     text = capsys.readouterr().out
     assert "global batch 4 = 2 per process x 1 process(es) x 2 accumulation step(s) (from train.per_gpu_batch_size)" \
@@ -204,9 +221,18 @@ def test_print_config_dry_run_and_per_gpu_batch(root, tmp_path, capsys):
     assert pretrain(*argv, "train.max_steps=1") == 0
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["train"]["batch_size"] == 4 and cfg["train"]["per_gpu_batch_size"] == 2
+    saving = json.loads((out / "plan.json").read_text())["planned_saving"]      # pixels beside measured FLOPs
+    assert saving["pixel_saving"] == pytest.approx(1.0) and saving["flops_ratio"]["32"] == 1.0
+    assert 0.25 < saving["flops_ratio"]["16"] < 0.5 and saving["flops_saving"] < 1.0
+    assert cfg["train"]["output_dir"] == str(out)        # the record names its run: --config out/config.yaml resumes
     header = (out / "config.yaml").read_text().splitlines()
-    assert header[0] == "# command: python -m pretrain " + " ".join(argv + ["train.max_steps=1"])
+    assert header[0] == "# command: python -m pretrain " + " ".join(argv + ["train.max_steps=1"]) + f"  (in {os.getcwd()})"
     assert header[1].startswith("# git: ")
+    # a dry run of a demo config whose set is not generated yet writes nothing either
+    demo = tmp_path / "demo_data"
+    assert pretrain(*tiny(demo, tmp_path / "d", "data.demo=true"), "--dry-run") == 0
+    assert "the demo set is not generated yet" in capsys.readouterr().out
+    assert not demo.exists() and not (tmp_path / "d").exists()
 
 
 # ---- fine-tuning ------------------------------------------------------------------------------
@@ -243,6 +269,11 @@ def test_finetune_user_errors_exit_2(root, encoder, tmp_path, capsys):
         ([f"model.checkpoint={encoder}", "eval.max_batches=0"], "eval.max_batches must be >= 1"),
         (["--finetune", str(encoder)], f"use model.checkpoint={encoder}"),
         (["--model", "vit_base_patch16_224"], "use model.name=vit_base_patch16_224"),
+        ([f"model.checkpoint={encoder}", "data.randaug=rand-x9"], "data.randaug: 'rand-x9' is not a timm RandAugment"),
+        ([f"model.checkpoint={encoder}", "data.scale=[0.5]"], "data.scale must be [min, max]"),
+        ([f"model.checkpoint={encoder}", "model.global_pool=tok"], "model.global_pool: 'tok' is not allowed"),
+        (["mode=eval", f"model.checkpoint={encoder}"], "does not fit vit_tiny_patch16_224 (mode=eval loads a "
+                                                      "fine-tuned or probed checkpoint strictly): missing "),
     ]
     for extra, message in cases:
         assert ft(root, tmp_path / "ft", *extra) == 2, extra
@@ -250,8 +281,27 @@ def test_finetune_user_errors_exit_2(root, encoder, tmp_path, capsys):
         assert message in err, (extra, err)
 
 
+def test_finetune_checks_before_the_data_scan(root, encoder, tmp_path, capsys, monkeypatch):
+    def scan(*a, **k):
+        raise AssertionError("the data folders were scanned before the check")
+    monkeypatch.setattr(finetune_main, "image_folder", scan)
+    for extra, message in (([f"model.checkpoint={tmp_path}/none.pth"], "does not exist"),
+                           ([f"model.checkpoint={encoder}", "model.name=vit_small_patch16_224"], "does not fit"),
+                           ([f"model.checkpoint={encoder}", "curriculum.name=etpp"], "trains at the final size"),
+                           ([f"model.checkpoint={encoder}", "train.batch_size=6", "train.accum_steps=4"],
+                            "batch size 6 is not divisible by accum_steps 4"),
+                           ([f"model.checkpoint={encoder}", "train.batch_size=6", "train.accum_steps=2"],
+                            "need an even per-process micro-batch")):
+        assert ft(root, tmp_path / "ft", *extra) == 2, extra
+        assert message in err_of(capsys), extra
+
+
 def test_finetune_reads_the_architecture_from_our_checkpoint(root, encoder, tmp_path, capsys):
     out = tmp_path / "ft"
+    assert ft(root, out, f"model.checkpoint={encoder}", "--print-config") == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["name"] == "auto" and printed["model"]["img_size"] is None   # resolved when it runs
+    assert printed["train"]["batch_size"] == 8 and printed["eval"] == {"max_batches": None}
     assert ft(root, out, f"model.checkpoint={encoder}", "--dry-run") == 0
     text = capsys.readouterr().out
     assert (f"architecture from {encoder}: model.name=vit_tiny_patch16_224 model.kwargs={{'patch_size': 8, "
@@ -265,7 +315,8 @@ def test_finetune_reads_the_architecture_from_our_checkpoint(root, encoder, tmp_
     # the fine-tuned checkpoint records its own architecture: mode=eval needs nothing else
     best = out / "checkpoints" / "checkpoint-latest.pth"
     assert ft(root, tmp_path / "ev", "mode=eval", f"model.checkpoint={best}", "eval.max_batches=1") == 0
-    assert f"eval {best}: top-1" in capsys.readouterr().out
+    assert f"eval {best}: top-1" in (text := capsys.readouterr().out)
+    assert "(8 images of 12, eval.max_batches=1)" in text
 
 
 def test_resolve_architecture_of_files_without_metadata():
@@ -288,3 +339,20 @@ def test_eval_max_batches_stops_early():
     loader = [good, bad, bad]
     assert evaluate(model, loader, torch.device("cpu"), max_batches=1)["top1"] == 100.0
     assert evaluate(model, loader, torch.device("cpu"))["top1"] == pytest.approx(100 / 3)
+
+
+def test_log_txt_keeps_stderr_lines_and_drops_progress_redraws(tmp_path):
+    import io
+
+    from engine.run import _Tee
+
+    log, screen = io.StringIO(), io.StringIO()
+    err = _Tee(screen, log, skip_redraws=True)
+    err.write("first warning")
+    err.write("\n")                          # print(..., file=sys.stderr) writes the newline apart
+    err.write("\r  5%|#    | 1/20")
+    err.write("\r100%|#####| 20/20")
+    err.write("\n")                          # the bar's closing newline
+    err.write("second\n")
+    assert log.getvalue() == "first warning\nsecond\n"
+    assert screen.getvalue().count("\r") == 2

@@ -235,3 +235,31 @@ def test_hog_target_model_and_errors():
     assert pred.shape == (2, 9, 108) and torch.isfinite(loss)
     with pytest.raises(ValueError, match="patch size 14 is not a multiple of the HOG cell size 8"):
         create_mae("mae_vit_huge_patch14", target="hog", **TINY)
+
+
+def test_official_constructor_keywords_build_the_same_model():
+    """Scripts written for the official models_mae pass norm_pix_loss= (and norm_layer=, mlp_ratio=)."""
+    from functools import partial
+
+    import torch.nn as nn
+
+    from pretrain.models_mae import mae_vit_base_patch16, mae_vit_base_patch16_dec512d8b
+
+    small = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                 decoder_depth=1, decoder_num_heads=2)
+    on = mae_vit_base_patch16_dec512d8b(norm_pix_loss=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                                        mlp_ratio=4, **small)
+    off = mae_vit_base_patch16(norm_pix_loss=False, **small)
+    assert (on.target, on.norm_pix_loss) == ("norm_pixel", True)
+    assert (off.target, off.norm_pix_loss) == ("pixel", False)
+    assert mae_vit_base_patch16(**small).target == "norm_pixel"                  # the toolkit's default
+    assert mae_vit_base_patch16(target="pixel", norm_pix_loss=False, **small).target == "pixel"
+    with pytest.raises(ValueError, match="norm_pix_loss=True means target 'norm_pixel', but target='hog'"):
+        mae_vit_base_patch16(norm_pix_loss=True, target="hog", **small)
+    imgs = torch.rand(2, 3, 32, 32)
+    torch.manual_seed(0)
+    loss_on = on(imgs, mask_ratio=0.75)[0]
+    off.load_state_dict(on.state_dict())
+    torch.manual_seed(0)
+    loss_off = off(imgs, mask_ratio=0.75)[0]
+    assert torch.isfinite(loss_on) and loss_on != loss_off                    # the two targets differ

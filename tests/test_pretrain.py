@@ -156,7 +156,8 @@ def test_config_errors_are_clear(tmp_path, capsys):
     assert main(["train.batch_size=big", "data.path=x"]) == 2
     assert "train.batch_size: expected an integer, got 'big'" in capsys.readouterr().err
     assert main([f"data.path={tmp_path}/missing"]) == 2
-    assert "is neither a folder, a .txt file listing images, nor tar shards" in capsys.readouterr().err
+    assert "(data.path) does not exist; allowed: an image folder, a .txt file listing images, or tar shards" \
+        in capsys.readouterr().err
     bad = tmp_path / "c.yaml"
     bad.write_text("_base_: nope.yaml\n")
     assert main(["--config", str(bad)]) == 2

@@ -4,8 +4,8 @@
 # output_dir, checkpoints) are taken relative to the directory the wrapper is called from, as with
 # `python -m pretrain` itself: the wrappers never change directory.
 
-# parse_launch_args "$@": sets CONFIG (the first argument unless it is a key=value or an option;
-# empty when absent), NPROC (--nproc N / --nproc=N, default 1), HELP (1 for -h / --help) and ARGS
+# parse_launch_args "$@": sets CONFIG (the first argument unless it is a key=value or an option, or
+# --config FILE as python -m takes it; empty when absent), NPROC (--nproc N / --nproc=N, default 1), HELP (1 for -h / --help) and ARGS
 # (everything else, passed on to python -m MODULE).
 parse_launch_args() {
   CONFIG=""
@@ -17,6 +17,8 @@ parse_launch_args() {
     case "$1" in
       --nproc) NPROC=${2:?--nproc needs a number of processes}; shift 2 ;;
       --nproc=*) NPROC=${1#--nproc=}; shift ;;
+      --config) CONFIG=${2:?--config needs a file}; shift 2 ;;
+      --config=*) CONFIG=${1#--config=}; shift ;;
       -h|--help) HELP=1; shift ;;
       *) ARGS+=("$1"); shift ;;
     esac

@@ -18,8 +18,10 @@ parse_launch_args "$@"
 if [[ $HELP == 1 ]]; then show_help "${BASH_SOURCE[0]}" finetune; exit 0; fi
 if [[ -z $CONFIG ]]; then
   CONFIG=$ROOT/configs/finetune/demo.yaml
-  # the demo needs the demo encoder: pretrain it first unless it is there (or given as an override)
-  if [[ ! -f runs/demo/encoder.pth ]] && ! printf '%s\n' "${ARGS[@]+"${ARGS[@]}"}" | grep -q '^model.checkpoint='; then
+  # the demo needs the demo encoder: pretrain it first unless it is there (or given as an override, or
+  # this is only a --dry-run / --print-config)
+  if [[ ! -f runs/demo/encoder.pth ]] && ! printf '%s\n' "${ARGS[@]+"${ARGS[@]}"}" \
+      | grep -q -e '^model.checkpoint=' -e '^--dry-run$' -e '^--print-config$'; then
     echo "[finetune] no runs/demo/encoder.pth yet: running the pretraining demo first"
     ET_SETUP_ARGS=${ET_SETUP_ARGS:-} bash "$ROOT/tools/pretrain.sh"
   fi
