@@ -133,10 +133,12 @@ class SkippingImageDataset(torch.utils.data.Dataset):
         raise self.give_up(idx)
 
 
-def image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
-    """(files, labels, class names) of an ImageFolder tree ``root/<class>/<images>``."""
+def image_folder(root: str, what: str = "") -> Tuple[List[str], List[int], List[str]]:
+    """(files, labels, class names) of an ImageFolder tree ``root/<class>/<images>``; ``what``
+    names the settings the path came from in the error (e.g. ``data.path + data.val_dir``)."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root!r} is not a folder (expected ImageFolder layout: {root}/<class>/<images>)")
+        raise FileNotFoundError(f"{root!r}{f' ({what})' if what else ''} is not a folder (expected ImageFolder "
+                                f"layout: {root}/<class>/<images>)")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     files, labels = [], []
     for label, c in enumerate(classes):

@@ -28,7 +28,6 @@ element-wise ops, norms or softmax.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
 import inspect
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -290,16 +289,17 @@ def classifier_resize(model_cfg: Any) -> str:
 
 def classifier_builder(model_cfg: Any) -> Build:
     """A :data:`Build` for a fine-tuning / supervised run's classifier (``finetune.config.ClassifierConfig``,
-    name and img_size resolved): Swin with ``resize: official`` is built for each size with the
-    official window (:func:`swin_window`); every other model is the run's own classifier (ViTs with
-    ``dynamic_img_size``) prepared for the size as the training task prepares it."""
+    name and img_size resolved): the run's own classifier prepared for each size as the training
+    task prepares it: ``finetune.resize.prepare_for_size`` for Swin / ViT with ``resize: official``
+    (Swin windows scaled with the input), ``check_resizable`` otherwise."""
     from finetune.models import check_resizable, create_classifier
+    from finetune.resize import handles, prepare_for_size
 
     def build(size: int) -> Tuple[nn.Module, LossFn]:
-        if is_swin(model_cfg.name) and classifier_resize(model_cfg) == "official":
-            kwargs = {**model_cfg.kwargs, **timm_size_kwargs(model_cfg.name, size, True, "official")}
-            return create_classifier(dataclasses.replace(model_cfg, kwargs=kwargs), dynamic_size=True), classifier_loss
         model = create_classifier(model_cfg, dynamic_size=True)
+        if classifier_resize(model_cfg) == "official" and handles(model):
+            prepare_for_size(model, size)        # the very preparation the training task applies per stage
+            return model, classifier_loss
         ok, why = check_resizable(model, size)
         if not ok:
             raise FlopsError(f"{model_cfg.name} cannot train at input size {size}: {why}")

@@ -36,6 +36,8 @@ NEVER: Tuple[str, ...] = (
     "curriculum.epochs", "curriculum.multiple_of", "train.batch_size", "train.accum_steps",
 )
 _ABSENT = "(absent)"
+# What a key added later meant in checkpoints written before it existed
+LEGACY_DEFAULTS: Dict[str, Any] = {"model.resize": "forward"}
 
 
 class Resume(NamedTuple):
@@ -66,6 +68,7 @@ def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any],
     and ``allow``, exact keys or section prefixes; never the ``NEVER`` keys). A key one side lacks
     shows as "(absent)"."""
     a, b = flatten(saved), flatten(current)
+    a = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in b}, **a}
     out = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)

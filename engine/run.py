@@ -246,7 +246,7 @@ def cli_main(prog: str, description: str, schema: Type, run: Callable[..., Dict]
                          "the plan and exit without training or writing anything")
     ap.add_argument("overrides", nargs="*", help=overrides_help)
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, unknown = ap.parse_known_args(argv)
+    args, unknown = ap.parse_known_intermixed_args(argv)   # options and key=value overrides in any order
     if unknown:
         flag = unknown[0]
         i = argv.index(flag)

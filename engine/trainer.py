@@ -271,6 +271,9 @@ class CurriculumTrainer:
         prepare = getattr(self.task, "prepare_stage", None)
         if prepare is not None and prepare(self.model, ps, self.optimizer) and self.dist.enabled:
             self._wrap()
+            import gc
+
+            gc.collect()          # the replaced DDP wrapper sits in a reference cycle with its reducer's buckets
 
     # ---- torch.compile ---------------------------------------------------------------------------
     def shapes(self) -> List[Tuple[int, int]]:
@@ -356,8 +359,10 @@ class CurriculumTrainer:
         if res is None:
             return False
         check_plan_steps(res, self.plan.total_steps, self.n)
-        step = int(res.state["step"])     # the checkpoint's parameters have its stage's shapes
-        self._prepare_stage(self.plan.stages[self.plan.at(min(step, self.plan.total_steps - 1)).stage_index])
+        # the checkpoint's parameters have the shapes of the stage its last step trained in (a
+        # checkpoint at a stage end precedes the next stage's start, which interpolates them later)
+        step = int(res.state["step"])
+        self._prepare_stage(self.plan.stages[self.plan.at(min(max(step, 1), self.plan.total_steps) - 1).stage_index])
         self.load_state_dict(res.state)
         self.log(f"resumed from {res.path} at step {self.step}/{self.plan.total_steps}")
         return True

@@ -176,6 +176,18 @@ def check_arms(study: StudyConfig) -> None:
             raise ConfigError(f"arm {arm.name!r} (overrides {arm.overrides}): {e}") from None
 
 
+def _flops_or_reason(run_dir: str, kind: str, log: Callable[[str], None]) -> Dict[str, Any]:
+    """:func:`training_flops`, or None figures and the reason: a finished run keeps its record (and
+    the report its other columns) when its model cannot be counted."""
+    from engine.flops import FlopsError
+
+    try:
+        return training_flops(run_dir, kind)
+    except FlopsError as e:
+        log(f"{run_dir}: training FLOPs not available ({e}); the report shows n/a")
+        return {"train_flops": None, "equivalent_epochs": None, "flops_per_image": None, "flops_error": str(e)}
+
+
 def training_flops(run_dir: str, kind: str) -> Dict[str, float]:
     """Planned training compute of a finished run: FLOPs (forward + backward per sample at every
     stage size, engine.flops.flops_per_sample on the run's model and loss, times the samples the
@@ -273,7 +285,7 @@ def run_arm(study: StudyConfig, arm: ArmConfig, seed: int, log: Callable[[str], 
                               **hashes, "eval_hash": eval_key, "baseline": arm.baseline, "device": device_label(),
                               "wall_s": summary["step_seconds"], "overhead_s": summary["overhead_seconds"],
                               "planned_speedup": summary["planned_speedup"], "process_s_last": time.time() - t0,
-                              **training_flops(run_dir, study.kind)}
+                              **_flops_or_reason(run_dir, study.kind, log)}
     with open(os.path.join(run_dir, "plan.json")) as f:
         plan = json.load(f)
     record["curriculum"] = plan["curriculum"]["name"]
@@ -365,7 +377,8 @@ def summarize(study: StudyConfig, records: List[Dict[str, Any]]) -> Dict[str, An
     base = next(a for a in arms if a["baseline"])
     for a in arms:
         a["measured_speedup"] = base["wall_s"]["mean"] / a["wall_s"]["mean"]
-        a["flops_saving"] = base["train_flops"] / a["train_flops"]
+        a["flops_saving"] = (base["train_flops"] / a["train_flops"]
+                             if base["train_flops"] and a["train_flops"] else None)
         a["vs_baseline"] = {m: compare(v, base["accuracy"][m]) for m, v in a["accuracy"].items()
                             if m in base["accuracy"]}
     return {"name": study.name, "description": study.description, "kind": study.kind, "config": study.config,
@@ -388,7 +401,13 @@ def _fmt(ms: Dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
     return text + (f" +- {ms['sd'] * scale:.{digits}f}" if ms["sd"] is not None else "")
 
 
-def _si(x: float) -> str:
+def _num(x: Optional[float], spec: str, suffix: str = "") -> str:
+    return "n/a" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _si(x: Optional[float]) -> str:
+    if x is None:
+        return "n/a"
     for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9)):
         if x >= scale:
             return f"{x / scale:.3g} {unit}"
@@ -406,8 +425,8 @@ def write_report(report: Dict[str, Any], out: str, command: str) -> None:
              f"`{report['data']}`", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for a in report["arms"]:
         row = [a["arm"] + (" (baseline)" if a["baseline"] else ""), a["curriculum"],
-               f"{a['budget_epochs']:g} ({a['equivalent_epochs']:.1f})", _si(a["train_flops"]),
-               f"{a['planned_speedup']:.2f}x", f"{a['flops_saving']:.2f}x", _fmt(a["wall_s"], 1 / 60),
+               f"{a['budget_epochs']:g} ({_num(a['equivalent_epochs'], '.1f')})", _si(a["train_flops"]),
+               f"{a['planned_speedup']:.2f}x", _num(a["flops_saving"], ".2f", "x"), _fmt(a["wall_s"], 1 / 60),
                f"{a['measured_speedup']:.2f}x",
                *[_fmt(a["accuracy"][m]) if m in a["accuracy"] else "-" for m in metrics],
                ", ".join(map(str, a["seeds"]))]
@@ -442,7 +461,10 @@ def _plot(report: Dict[str, Any], metrics: List[str], path: str) -> None:
             acc = a["accuracy"].get(m)
             if acc is None or acc["mean"] is None:
                 continue
-            for ax, x in ((axes[0], a["wall_s"]["mean"] / 60), (axes[1], a["train_flops"] / 1e12)):
+            points = [(axes[0], a["wall_s"]["mean"] / 60)]
+            if a["train_flops"]:
+                points.append((axes[1], a["train_flops"] / 1e12))
+            for ax, x in points:
                 ax.errorbar(x, acc["mean"], yerr=acc["sd"] or 0, marker=markers[m], capsize=3,
                             label=f"{a['arm']} {m}")
                 ax.annotate(a["arm"], (x, acc["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")

@@ -22,6 +22,7 @@ from pretrain.demo_data import demo_dataset_exists, generate_demo_dataset
 from .config import FinetuneConfig
 from .models import (classifier_depth, create_classifier, init_head, load_pretrained, make_linear_probe,
                      resolve_architecture)
+from .resize import is_swin
 from .task import ClassificationTask, evaluate
 
 
@@ -71,8 +72,15 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
         model = build_model(cfg, log, ckpt)
         del ckpt
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-        multiple = cfg.curriculum.multiple_of or (patch[0] if patch else 32)
+        swin_official = cfg.model.resize == "official" and is_swin(model)
+        # Swin's official windows are img_size // 32: every stage size must be a multiple of 32
+        multiple = cfg.curriculum.multiple_of or (32 if swin_official or not patch else patch[0])
         cur = get_curriculum(cfg.curriculum.name, cfg.model.img_size, multiple)
+        odd = sorted({s.size for s in cur.stages if swin_official and s.size % 32})
+        if odd:
+            raise ConfigError(f"curriculum {cur.name!r} gives Swin the input sizes {odd}, which are not multiples of "
+                              "32; model.resize=official sets windows of size // 32 and needs them: set "
+                              "curriculum.multiple_of=32 (the default for Swin), or model.resize=forward")
         if cfg.mode != "train" and len({s.size for s in cur.stages}) > 1:
             raise ConfigError(f"mode {cfg.mode} trains at the final size; curriculum {cur.name!r} changes it "
                               "(use curriculum.name=baseline, or mode=train for curriculum training)")
@@ -92,9 +100,10 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
         if d.demo and dist.is_main and not r.opts.dry_run:
             generate_demo_dataset(d.path, reuse_any=True)   # any demo set there will do (the pretraining demo's)
         barrier(dist)
-        val_files, val_labels, classes = image_folder(os.path.join(d.path, d.val_dir))
+        val_files, val_labels, classes = image_folder(os.path.join(d.path, d.val_dir), "data.path + data.val_dir")
         check_num_classes(cfg, classes)
-        train_files, train_labels, train_classes = image_folder(os.path.join(d.path, d.train_dir))
+        train_files, train_labels, train_classes = image_folder(os.path.join(d.path, d.train_dir),
+                                                                "data.path + data.train_dir")
         check_same_classes(train_classes, classes, os.path.join(d.path, d.train_dir), os.path.join(d.path, d.val_dir))
         plan = cur.plan(cfg.curriculum.epochs, len(train_files), t.batch_size, t.accum_steps)
         r.check_plan(plan)
@@ -123,7 +132,7 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
         result = trainer.fit()
         ev = result.get("eval") or {}
         part = f" (first {cfg.eval.max_batches} batch(es) per process: eval.max_batches)" if cfg.eval.max_batches else ""
-        log(f"validation at {cfg.model.img_size}px{part}: top-1 {ev.get('top1', float('nan')):.2f}% "
+        log(f"validation at {task._eval_size()}px{part}: top-1 {ev.get('top1', float('nan')):.2f}% "
             f"top-5 {ev.get('top5', float('nan')):.2f}% (best top-1 {result['best'] or float('nan'):.2f}%, "
             f"chance {100.0 / len(classes):.1f}%)")
         log(f"run directory: {r.dir}")
@@ -141,6 +150,12 @@ def run_eval(cfg: FinetuneConfig, r: Run, ckpt: Dict) -> Dict:
     model = create_classifier(cfg.model)
     if ckpt.get("meta", {}).get("linear_probe"):
         make_linear_probe(model)
+    param_size = (ckpt.get("meta") or {}).get("param_size")
+    if param_size and param_size != cfg.model.img_size:
+        raise CheckpointError(f"model.checkpoint {cfg.model.checkpoint!r} was written in a {param_size}px stage "
+                              f"(model.resize=official: its parameters have that stage's shapes), not at the final "
+                              f"{cfg.model.img_size}px; evaluate checkpoint-best.pth or a checkpoint-latest.pth of a "
+                              "finished run")
     sd, own = ckpt.get("model", ckpt), model.state_dict()
     problems = ([f"missing {k}" for k in own if k not in sd] + [f"unexpected {k}" for k in sd if k not in own]
                 + [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
@@ -152,7 +167,7 @@ def run_eval(cfg: FinetuneConfig, r: Run, ckpt: Dict) -> Dict:
                               f"loads a fine-tuned or probed checkpoint strictly): {'; '.join(problems[:5])}"
                               f"{f' ... ({len(problems)} problems)' if len(problems) > 5 else ''}{hint}")
     model.load_state_dict(sd, strict=True)
-    files, labels, classes = image_folder(os.path.join(cfg.data.path, cfg.data.val_dir))
+    files, labels, classes = image_folder(os.path.join(cfg.data.path, cfg.data.val_dir), "data.path + data.val_dir")
     check_num_classes(cfg, classes)
     model.to(r.dist.device)
     ds = EvalDataset(files, labels, eval_transform(cfg.model.img_size, cfg.data.crop_pct))

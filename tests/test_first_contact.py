@@ -269,6 +269,8 @@ def test_finetune_user_errors_exit_2(root, encoder, tmp_path, capsys):
         ([f"model.checkpoint={encoder}", "eval.max_batches=0"], "eval.max_batches must be >= 1"),
         (["--finetune", str(encoder)], f"use model.checkpoint={encoder}"),
         (["--model", "vit_base_patch16_224"], "use model.name=vit_base_patch16_224"),
+        ([f"model.checkpoint={encoder}", f"data.path={tmp_path}/nodata"],
+         f"'{tmp_path}/nodata/val' (data.path + data.val_dir) is not a folder"),
         ([f"model.checkpoint={encoder}", "data.randaug=rand-x9"], "data.randaug: 'rand-x9' is not a timm RandAugment"),
         ([f"model.checkpoint={encoder}", "data.scale=[0.5]"], "data.scale must be [min, max]"),
         ([f"model.checkpoint={encoder}", "model.global_pool=tok"], "model.global_pool: 'tok' is not allowed"),
@@ -356,3 +358,13 @@ def test_log_txt_keeps_stderr_lines_and_drops_progress_redraws(tmp_path):
     err.write("second\n")
     assert log.getvalue() == "first warning\nsecond\n"
     assert screen.getvalue().count("\r") == 2
+
+
+def test_runs_from_before_a_key_existed_resume_with_its_old_meaning():
+    from engine.resume import changed_settings
+
+    saved = {"model": {"name": "deit_small_patch16_224"}, "train": {"blr": 1e-3}}      # no model.resize yet
+    assert changed_settings(saved, {"model": {"name": "deit_small_patch16_224", "resize": "forward"},
+                                    "train": {"blr": 1e-3}}) == []
+    assert changed_settings(saved, {"model": {"name": "deit_small_patch16_224", "resize": "official"},
+                                    "train": {"blr": 1e-3}}) == [("model.resize", "forward", "official")]

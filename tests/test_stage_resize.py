@@ -279,6 +279,15 @@ def test_resume_inside_a_smaller_stage_is_exact_and_final_checkpoints_load_into_
     for step, (x, y) in enumerate(zip(la, lb), 1):
         assert y == pytest.approx(x, rel=1e-5), step
     assert part["eval"] == pytest.approx(full["eval"]) and part["best"] == pytest.approx(full["best"])
+    # a checkpoint written at the end of a stage (the default cadence) holds that stage's shapes and
+    # is resumed into the next, larger stage the same way
+    edge = next(r for r, nxt in zip(plan, plan[1:]) if nxt["size"] != r["size"])
+    run(cfg(tmp_path / "edge", f"train.max_steps={edge['end_step']}"))
+    ck = load_checkpoint(str(tmp_path / "edge" / "checkpoints" / "checkpoint-latest.pth"))
+    assert ck["meta"]["param_size"] == edge["size"] and ck["meta"]["position"]["step"] == edge["end_step"]
+    run(cfg(tmp_path / "edge"))
+    lc = [json.loads(line)["loss"] for line in open(tmp_path / "edge" / "metrics.jsonl") if '"loss"' in line]
+    assert lc == pytest.approx(la, rel=1e-5)
     # final-shape checkpoints: latest and best load strictly into the timm model; best is only kept
     # from final-size stages (smaller stages' evaluations do not compete)
     final_start = next(r["start_step"] for r in plan if r["size"] == sizes[-1])
@@ -286,3 +295,16 @@ def test_resume_inside_a_smaller_stage_is_exact_and_final_checkpoints_load_into_
         ck = load_checkpoint(str(tmp_path / "part" / "checkpoints" / name))
         timm.create_model(RUNS[arch][0][0].split("=")[1], num_classes=4, **timm_kwargs).load_state_dict(ck["model"], strict=True)
         assert ck["meta"]["position"]["step"] > final_start and ck["meta"]["param_size"] == sizes[-1]
+
+
+def test_swin_official_stage_sizes_must_be_multiples_of_32(data, tmp_path, capsys):
+    from finetune.main import main
+
+    argv = [f"data.path={data}", "mode=train", "model.num_classes=4", "model.name=swin_tiny_patch4_window7_224",
+            "model.img_size=256", "curriculum.name=etpp", "curriculum.epochs=2", "train.warmup_epochs=0.2",
+            "model.kwargs={embed_dim: 8, depths: [1, 1, 1, 1], num_heads: [1, 1, 1, 1], window_size: 8}",
+            f"train.output_dir={tmp_path / 'run'}", "--dry-run"]
+    assert main([*argv, "curriculum.multiple_of=4"]) == 2          # 256 -> 108 / 184 with multiples of 4
+    assert "gives Swin the input sizes [108, 184], which are not multiples of 32" in capsys.readouterr().err
+    assert main(argv) == 0                                           # the default for Swin: multiples of 32
+    assert "stage 0: size 96" in capsys.readouterr().out
