@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
 
+
 class RunFailed(RuntimeError):
     """A training run started as a subprocess (by a study or an evaluation) failed; its log says why."""
 

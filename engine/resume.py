@@ -91,12 +91,13 @@ def check_allow_list(allow: Iterable[str], config: Mapping[str, Any]) -> None:
 
 
 def check_settings(path: str, saved: Optional[Mapping[str, Any]], current: Mapping[str, Any],
-                   allow: Iterable[str] = ()) -> None:
-    """Raise :class:`ConfigError` naming every setting that differs from the checkpoint's."""
+                   allow: Iterable[str] = ()) -> List[Tuple[str, Any, Any]]:
+    """Raise :class:`ConfigError` naming every setting that differs from the checkpoint's; returns
+    the differences ``allow`` accepted."""
     allow = list(allow)
     if saved is None:
         if "*" in allow:
-            return
+            return []
         raise ConfigError(f"cannot resume from {path}: it records no config, so this run's settings cannot be "
                           "checked against it; use a new train.output_dir, train.resume=never to start over, or "
                           "train.resume_allow=['*'] to continue it anyway")
@@ -105,7 +106,7 @@ def check_settings(path: str, saved: Optional[Mapping[str, Any]], current: Mappi
                           f"sections {sorted(saved)}, this one {sorted(current)}); use a new train.output_dir")
     diffs = changed_settings(saved, current, allow)
     if not diffs:
-        return
+        return changed_settings(saved, current)      # what differs now is what allow accepted
     lines = "\n".join(f"  {k}: {_show(v0)} in the run, {_show(v1)} now" for k, v0, v1 in diffs)
     fixed = [k for k, _, _ in diffs if _covered(k, NEVER)]
     keys = ",".join(k for k, _, _ in diffs if k not in fixed)
@@ -156,11 +157,7 @@ def find_resume(train_cfg: Any, run_dir: str, config: Mapping[str, Any]) -> Opti
         raise ConfigError(f"train.resume {path!r} is not a training checkpoint of this toolkit (it has no "
                           "optimizer state or run position; an encoder export or an official file cannot be "
                           "resumed); to start from pretrained weights use model.checkpoint (fine-tuning)")
-    saved = meta.get("config")
-    check_settings(path, saved, config, train_cfg.resume_allow)
-    accepted = [] if saved is None else [d for d in changed_settings(saved, config) if d not in
-                                         changed_settings(saved, config, train_cfg.resume_allow)]
-    return Resume(path, state, accepted)
+    return Resume(path, state, check_settings(path, meta.get("config"), config, train_cfg.resume_allow))
 
 
 def check_plan_steps(res: Resume, total_steps: int, dataset_size: int) -> None:

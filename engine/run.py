@@ -23,9 +23,10 @@ from efficienttrain.curriculum import Curriculum, Plan
 from efficienttrain.plot import plot_curriculum
 
 from .config import load_config, save_config, to_dict
-from .distributed import DistInfo, cleanup, init_distributed
-from .errors import run_cli
-from .resume import Resume, check_plan_steps, find_resume
+from .config_doc import sections_summary
+from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .errors import USER_ERRORS, run_cli
+from .resume import Resume, check_plan_steps, find_resume, flatten
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,8 +115,6 @@ class Run:
             if exc is not None:
                 import traceback
 
-                from .errors import USER_ERRORS
-
                 text = f"error: {exc}\n" if isinstance(exc, USER_ERRORS) else "".join(
                     traceback.format_exception(exc_type, exc, tb))
                 self._log_file.write(text)
@@ -137,6 +136,22 @@ class Run:
                         "settings changed, accepted by train.resume_allow: " + "; ".join(
                             f"{k}: {v0!r} -> {v1!r}" for k, v0, v1 in accepted)))
         return self.resume
+
+    def demo_data_ready(self, exists: Callable[[], bool], generate: Callable[[], Any], path: str) -> bool:
+        """``data.demo=true``: rank 0 generates the demo set (a no-op when it is there) and every rank
+        waits for it; True. A dry run writes nothing: False (said in the log) when the set is missing,
+        since the plan needs the data."""
+        if self.opts.dry_run:
+            if not exists():
+                self.log(f"dry run: data.demo=true and the demo set is not generated yet ({path}); the first real "
+                         "run writes it. Everything before the data checks out; the plan needs the data, so it is "
+                         "not shown")
+                return False
+            return True
+        if self.dist.is_main:
+            generate()
+        barrier(self.dist)
+        return True
 
     def check_plan(self, plan: Plan) -> None:
         """Once the data is scanned: a resumed run's plan must have the checkpoint's length."""
@@ -222,8 +237,6 @@ def _flag_hint(schema: Type, flag: str, value: Optional[str]) -> str:
 
 
 def _all_keys(schema: Type) -> List[str]:
-    from .resume import flatten
-
     return list(flatten(to_dict(schema())))
 
 
@@ -232,8 +245,6 @@ def cli_main(prog: str, description: str, schema: Type, run: Callable[..., Dict]
     """``prog --config CONFIG [--print-config | --dry-run] [key=value ...]``: load and check the
     config, then ``run(cfg, name, RunOptions)`` (name: the config file's stem). Exit 2 with the
     message on a user error (see engine.errors), 1 when training stopped on a non-finite loss."""
-    from .config_doc import sections_summary
-
     ap = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         epilog="config sections and their keys (set any of them as key=value, e.g. train.blr=1e-4):\n"

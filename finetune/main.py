@@ -12,7 +12,7 @@ from efficienttrain.curriculum import get_curriculum
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.config import ConfigError, to_dict
 from engine.data import EvalDataset, check_same_classes, eval_transform, image_folder
-from engine.distributed import DistInfo, barrier
+from engine.distributed import DistInfo
 from engine.flops import classifier_builder, log_planned_savings
 from engine.optim import describe_groups, param_groups_layer_decay
 from engine.run import Run, RunOptions, cli_main
@@ -93,13 +93,10 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
                                   f"micro-batch; stage(s) {odd} of this run have an odd one: choose train.batch_size "
                                   "(or train.per_gpu_batch_size) so that it is even, or set data.mixup=0 data.cutmix=0")
         r.find_resume(to_dict(cfg))
-        if d.demo and r.opts.dry_run and not demo_dataset_exists(d.path):
-            log(f"dry run: data.demo=true and the demo set is not generated yet ({d.path}); the first real run "
-                "writes it. Everything before the data checks out; the plan needs the data, so it is not shown")
+        # any demo set there will do (the pretraining demo's)
+        if d.demo and not r.demo_data_ready(lambda: demo_dataset_exists(d.path),
+                                            lambda: generate_demo_dataset(d.path, reuse_any=True), d.path):
             return {"dry_run": True, "run_dir": r.dir}
-        if d.demo and dist.is_main and not r.opts.dry_run:
-            generate_demo_dataset(d.path, reuse_any=True)   # any demo set there will do (the pretraining demo's)
-        barrier(dist)
         val_files, val_labels, classes = image_folder(os.path.join(d.path, d.val_dir), "data.path + data.val_dir")
         check_num_classes(cfg, classes)
         train_files, train_labels, train_classes = image_folder(os.path.join(d.path, d.train_dir),

@@ -12,7 +12,6 @@ from efficienttrain.replay import buffer_bytes
 from engine.checkpoint import atomic_save
 from engine.config import ConfigError, to_dict
 from engine.data import open_image_source
-from engine.distributed import barrier
 from engine.flops import log_planned_savings, mae_builder
 from engine.run import Run, RunOptions, cli_main
 from engine.trainer import CurriculumTrainer, check_plan_fits
@@ -76,13 +75,9 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
         check_plan_fits(cur.plan(cfg.curriculum.epochs, 1, t.batch_size, t.accum_steps), dist.world_size,
                         cfg.data.replay_chunks)
         r.find_resume(to_dict(cfg))
-        if cfg.data.demo and r.opts.dry_run and not demo_dataset_exists(cfg.data.path):
-            log(f"dry run: data.demo=true and the demo set is not generated yet ({cfg.data.path}); the first real "
-                "run writes it. Everything before the data checks out; the plan needs the data, so it is not shown")
+        if cfg.data.demo and not r.demo_data_ready(lambda: demo_dataset_exists(cfg.data.path), lambda: (
+                generate_demo_dataset(cfg.data.path, cfg.data.demo_images)), cfg.data.path):
             return {"dry_run": True, "run_dir": r.dir}
-        if cfg.data.demo and dist.is_main and not r.opts.dry_run:
-            generate_demo_dataset(cfg.data.path, cfg.data.demo_images)   # no-op when it is already there
-        barrier(dist)
         data_path = os.path.join(cfg.data.path, "train") if cfg.data.demo else cfg.data.path
         source = open_image_source(data_path)
         plan = cur.plan(cfg.curriculum.epochs, len(source), t.batch_size, t.accum_steps)
