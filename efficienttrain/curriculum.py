@@ -458,6 +458,16 @@ def etpp_deit(final_size: int = 224, multiple_of: int = DEFAULT_MULTIPLE_OF, max
                         "EfficientTrain++ official schedule for DeiT")
 
 
+def etpp_deit_replay(final_size: int = 224, multiple_of: int = DEFAULT_MULTIPLE_OF,
+                     max_magnitude: float = MAX_MAGNITUDE) -> Curriculum:
+    """:func:`etpp_deit` with the replay buffer of the official DeiT-S script
+    (_ET_pp_wReplay_main_deitS.py): replay times 4,4,2,2,2,2,1,1,1,1, buffers of 1920 (96 px) and
+    256 (160 px) loader batches."""
+    cur = with_replay(etpp_deit(final_size, multiple_of, max_magnitude), [4, 4, 2, 2, 2, 2, 1, 1, 1, 1],
+                      [1920, 1920, 256, 256, 256, 256, 1, 1, 1, 1])
+    return replace(cur, name="etpp-deit-replay", description="EfficientTrain++ for DeiT with the official replay buffer")
+
+
 def etpp_convnext(final_size: int = 224, multiple_of: int = DEFAULT_MULTIPLE_OF, max_magnitude: float = MAX_MAGNITUDE) -> Curriculum:
     """EfficientTrain++ for ConvNeXt: 160 x6, 224 x4."""
     return _etpp_family("etpp-convnext", [160] * 6 + [224] * 4, final_size, multiple_of,
@@ -490,6 +500,7 @@ BUILTIN: Dict[str, Callable[..., Curriculum]] = {
     "etpp": etpp,
     "etpp-replay": etpp_replay,
     "etpp-deit": etpp_deit,
+    "etpp-deit-replay": etpp_deit_replay,
     "etpp-convnext": etpp_convnext,
     "linear": linear,
 }

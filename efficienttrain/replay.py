@@ -13,7 +13,7 @@ so a step never waits for the host (the host never reads the stored pixels).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,6 +25,54 @@ def buffer_bytes(capacity: int, loader_batch: int, sample_shape: Sequence[int], 
     for d in sample_shape:
         n *= int(d)
     return int(capacity) * int(loader_batch) * n * int(bytes_per_element)
+
+
+def image_sample_bytes(size: int) -> int:
+    """A stored sample at input ``size``: a 3 x size x size float16 image (the official storage)."""
+    return 3 * size * size * 2
+
+
+def available_host_memory() -> Optional[int]:
+    """Bytes of host memory available to new allocations (Linux ``MemAvailable``; None if unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def replay_memory(plan: Any, world_size: int, sample_bytes: Callable[[int], int] = image_sample_bytes) -> Dict[int, int]:
+    """Bytes a full buffer takes per process in every replay stage of ``plan`` (stage index ->
+    bytes): ``replay_buffer`` loader batches of this process's share of the loader batch."""
+    return {ps.index: int(ps.stage.replay_buffer) * (ps.loader_batch_size // world_size) * int(sample_bytes(ps.stage.size))
+            for ps in plan.stages if ps.stage.replay_times > 1}
+
+
+def check_replay_memory(plan: Any, world_size: int, processes_per_host: int,
+                        sample_bytes: Callable[[int], int] = image_sample_bytes,
+                        available: Optional[int] = None) -> Dict[int, int]:
+    """:func:`replay_memory`, raising :class:`CurriculumError` when the largest stage's buffers of
+    the ``processes_per_host`` processes sharing a host exceed the host memory available now
+    (``available``, default :func:`available_host_memory`; unknown: not checked)."""
+    from .curriculum import CurriculumError
+
+    need = replay_memory(plan, world_size, sample_bytes)
+    available = available_host_memory() if available is None else available
+    if need and available is not None:
+        index = max(need, key=need.get)
+        host = need[index] * processes_per_host
+        if host > available:
+            ps = plan.stages[index]
+            raise CurriculumError(
+                f"curriculum stage {index} (size {ps.stage.size}): its replay buffer ({ps.stage.replay_buffer} loader "
+                f"batches of {ps.loader_batch_size // world_size} samples per process) needs {need[index] / 2 ** 30:.2f} GiB "
+                f"per process, {host / 2 ** 30:.2f} GiB for the {processes_per_host} process(es) of this host, and "
+                f"{available / 2 ** 30:.2f} GiB is available; lower that stage's replay_buffer (the official DeiT-S stage 0 "
+                f"holds 12.7 GiB per process, 101 GiB on an 8-GPU host), or use a curriculum without replay")
+    return need
 
 
 class _HostSlab:

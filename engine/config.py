@@ -9,12 +9,31 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar, Union
 
 import yaml
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true / false are booleans. YAML 1.1 also reads on / off / yes /
+    no as booleans, which turns ``train.amp=off`` into ``False`` for a key whose values are words."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def load_yaml(text: Any) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 booleans (:class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -43,7 +62,7 @@ def load_yaml_with_bases(path: Union[str, os.PathLike], _seen: Optional[List[str
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path, "r", encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = load_yaml(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config {path}: not valid YAML: {e}") from None
     if not isinstance(data, Mapping):
@@ -65,7 +84,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         if not key.strip() or any(not p for p in key.strip().split(".")):
             raise ConfigError(f"override {item!r} has no key (or an empty part in it); expected key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str):   # YAML 1.1 reads "4e-3" as a string; a user means the number
@@ -130,6 +149,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is bool:
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value

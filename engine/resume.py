@@ -22,7 +22,7 @@ from .config import ConfigError
 # computation of the steps still to come, only where, how fast and how visibly they run.
 ALWAYS_ALLOWED: Tuple[str, ...] = (
     "train.max_steps", "train.log_every", "train.progress", "train.save_every_steps", "train.eval_every_steps",
-    "train.keep_last", "train.resume", "train.resume_allow", "train.output_dir", "train.device",
+    "train.keep_last", "train.resume", "train.resume_allow", "train.output_dir", "train.device", "train.ema_eval",
     "train.compile", "train.compile_backend", "train.compile_recompile_limit", "train.per_gpu_batch_size",
     "data.num_workers", "data.decode", "data.crop_pct", "curriculum.baseline_epochs", "eval",
     "model.checkpoint",      # fine-tuning: the pretrained file only initialises; a resume loads the run's weights
@@ -32,12 +32,14 @@ ALWAYS_ALLOWED: Tuple[str, ...] = (
 NEVER: Tuple[str, ...] = (
     "mode", "optimizer", "model.arch", "model.img_size", "model.patch_size", "model.embed_dim", "model.depth",
     "model.num_heads", "model.decoder_embed_dim", "model.decoder_depth", "model.decoder_num_heads",
-    "model.name", "model.kwargs", "model.num_classes", "model.global_pool", "model.resize", "curriculum.name",
+    "model.name", "model.builder", "model.kwargs", "model.num_classes", "model.global_pool", "model.resize", "curriculum.name",
     "curriculum.epochs", "curriculum.multiple_of", "train.batch_size", "train.accum_steps",
 )
 _ABSENT = "(absent)"
 # What a key added later meant in checkpoints written before it existed
-LEGACY_DEFAULTS: Dict[str, Any] = {"model.resize": "forward"}
+LEGACY_DEFAULTS: Dict[str, Any] = {"model.resize": "forward", "model.builder": "timm", "recipe": "none",
+                                   "opt_eps": 1e-8, "data.replay_chunks": 1, "train.ema_decay": 0.0,
+                                   "train.ema_eval": True}
 
 
 class Resume(NamedTuple):

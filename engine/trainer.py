@@ -34,11 +34,12 @@ import torch
 import torch.nn as nn
 
 from efficienttrain.curriculum import Plan, PlannedStage, StepInfo
-from efficienttrain.replay import ReplayBuffer
+from efficienttrain.replay import ReplayBuffer, check_replay_memory, image_sample_bytes
 
 from .checkpoint import CheckpointError, CheckpointWriter, atomic_save, atomic_write_json, save_checkpoint
 from .config import ConfigError
 from .distributed import DistInfo, all_reduce_sum_
+from .ema import WeightEma
 from .optim import no_weight_decay
 from .plots import plot_eval_curve
 from .resume import Resume, check_plan_steps, find_resume
@@ -56,7 +57,8 @@ class TrainConfig:
     blr: float = 1.5e-4                    # base LR; lr = blr * batch_size / 256 unless lr is set
     lr: Optional[float] = None             # absolute peak LR; overrides blr when set (null: blr * batch_size / 256)
     min_lr: float = 0.0                    # LR at the end of the cosine decay (the schedule's floor)
-    warmup_epochs: float = 40.0            # linear LR warmup from 0, in budget epochs; then cosine decay to min_lr
+    warmup_epochs: Optional[float] = 40.0  # linear LR warmup from 0, in budget epochs; then cosine decay to min_lr
+                                           # (null: set by the job's recipe, e.g. fine-tuning's recipe: official)
     weight_decay: float = 0.05             # AdamW / LARS weight decay (none on norms, biases, tokens, pos. embeddings)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])   # AdamW (beta1, beta2)
     clip_grad: Optional[float] = None      # max gradient norm before each optimizer step (null: no clipping)
@@ -75,6 +77,10 @@ class TrainConfig:
     keep_last: int = 3                     # numbered checkpoints kept (besides latest and best); 0: all
     log_every: int = 10                    # log loss, LR, images/s (metrics.jsonl, TensorBoard, bar) every N steps
     max_steps: Optional[int] = None        # stop early after this many optimizer steps (debugging, tests)
+    ema_decay: float = 0.0                 # EMA of the weights after every optimizer step (0: off; official ConvNeXt
+                                           # 0.9999, CSWin 0.9998): saved as model_ema in every checkpoint
+    ema_eval: bool = True                  # evaluate the EMA weights at every evaluation (logged as ema_*) and keep
+                                           # checkpoint-best-ema.pth (its model entry holds the EMA weights)
     progress: bool = True                  # progress bar on the main process (false for batch jobs / log files)
 
     def validate(self, where: str) -> None:
@@ -97,11 +103,17 @@ class TrainConfig:
                                   f"{' (or null)' if key in ('lr', 'clip_grad') else ''}, got {value}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"{where}.max_steps must be >= 1 (or null: the whole plan), got {self.max_steps}")
+        if not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
+            raise ConfigError(f"{where}.ema_decay must be 0 (no weight EMA) or in (0, 1), e.g. 0.9999, "
+                              f"got {self.ema_decay}")
 
     def check_budget(self, where: str, epochs: float) -> None:
         """The warmup (in budget epochs) must end inside the budget ``curriculum.epochs``."""
         if not epochs > 0:
             raise ConfigError(f"curriculum.epochs must be > 0 (the budget), got {epochs}")
+        if self.warmup_epochs is None:
+            raise ConfigError(f"{where}.warmup_epochs is null and nothing derives it; set a number of budget epochs "
+                              "(or, for supervised training, recipe: official to take the official formula)")
         if self.warmup_epochs >= epochs:
             raise ConfigError(f"{where}.warmup_epochs={self.warmup_epochs:g} is not below curriculum.epochs={epochs:g} "
                               "(warmup is counted in budget epochs); allowed: 0 <= warmup_epochs < curriculum.epochs")
@@ -144,7 +156,8 @@ class Task(Protocol):
     # ``replay_chunks`` (chunks per loader batch, default 32), ``on_stage_start(model, stage)``
     # (per-size model preparation), ``prepare_stage(model, stage, optimizer) -> bool`` (per-size
     # parameter surgery: replace parameters by new ones of the stage's shapes and move the
-    # optimizer's references and state onto them; True when it replaced any parameter or buffer,
+    # optimizer's references and state onto them; also called with optimizer None on the weight
+    # EMA's copy, which must get the same shapes; True when it replaced any parameter or buffer,
     # then the loop builds DDP again. Called before ``on_stage_start`` at every stage start and,
     # on resume, before the checkpoint is loaded, so the model and optimizer have the
     # checkpoint's shapes), ``metrics() -> dict`` (extra numbers for the log), and
@@ -216,6 +229,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
         return None
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.amp=fp16 needs a CUDA device (its loss scaler is CUDA's); this run is on {device}: "
+                          "set train.amp=off (or bf16, or auto)")
     if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
@@ -241,6 +257,9 @@ class CurriculumTrainer:
         self.log = log if dist.is_main else (lambda msg: None)
         self.model = model.to(dist.device)
         check_plan_fits(plan, dist.world_size, getattr(task, "replay_chunks", 32))   # fail before training
+        self.replay_bytes = check_replay_memory(   # per process and replay stage; fails if a host cannot hold it
+            plan, dist.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)),
+            getattr(task, "replay_sample_bytes", image_sample_bytes))
         self._wrap()
         self.optimizer = optimizer or torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.base_lr(),
                                                         betas=tuple(cfg.betas), fused=True)
@@ -256,6 +275,14 @@ class CurriculumTrainer:
         self.writer = CheckpointWriter()
         self._metrics_file = None
         self._tb = None
+        # train.ema_decay: a float32 copy of the weights on the model's device, averaged after every optimizer step
+        self.ema = WeightEma(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.best_ema: Optional[float] = None
+        self.last_eval_ema: Dict[str, float] = {}
+        self._ema_improved = False
+        if self.ema is not None:
+            evaluated = cfg.ema_eval and getattr(task, "evaluate", None) is not None
+            self.log(f"EMA of weights: decay {cfg.ema_decay:g}, evaluated: {'yes' if evaluated else 'no'}")
 
     def _wrap(self) -> None:
         """DDP (several processes) and torch.compile around ``self.model``; done again after a
@@ -269,7 +296,12 @@ class CurriculumTrainer:
         """The task's optional per-stage parameter surgery (see :class:`Task`); DDP is built again
         around the new parameters (a compiled single-process model just recompiles for them)."""
         prepare = getattr(self.task, "prepare_stage", None)
-        if prepare is not None and prepare(self.model, ps, self.optimizer) and self.dist.enabled:
+        changed = prepare is not None and prepare(self.model, ps, self.optimizer)
+        if prepare is not None and self.ema is not None:
+            self.ema.reshape(lambda m: prepare(m, ps, None), self.model)   # the same surgery; no optimizer
+            if self.step == 0:
+                self.ema.set(self.model)     # a run starts with EMA = model (tables drawn at the stage's shapes included)
+        if changed and self.dist.enabled:
             self._wrap()
             import gc
 
@@ -302,6 +334,8 @@ class CurriculumTrainer:
     def state_dict(self) -> Dict[str, Any]:
         return {
             "model": self.model.state_dict(),
+            **({"model_ema": self.ema.state_dict(), "best_ema": self.best_ema,       # the official key
+                "last_eval_ema": dict(self.last_eval_ema)} if self.ema is not None else {}),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
@@ -325,6 +359,11 @@ class CurriculumTrainer:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None and state.get("model_ema") is not None:
+                self.ema.load_state_dict(state["model_ema"])
+            elif self.ema is not None:       # EMA switched on by train.resume_allow: starts from the weights, as officially
+                self.ema.set(self.model)
+                self.log("the resume checkpoint has no model_ema: the weight EMA starts from its model weights")
         except (RuntimeError, ValueError, KeyError) as e:   # reached only when train.resume_allow let it through
             raise CheckpointError(f"the resume checkpoint's model or optimizer does not fit this run's "
                                   f"({type(e).__name__}: {str(e).strip().splitlines()[0]}); a changed architecture "
@@ -334,6 +373,8 @@ class CurriculumTrainer:
         self.bad_samples = int(state.get("bad_samples", 0))
         self.best = state.get("best")
         self.last_eval = dict(state.get("last_eval") or {})
+        self.best_ema = state.get("best_ema")
+        self.last_eval_ema = dict(state.get("last_eval_ema") or {})
         self.timing.load_state_dict(state.get("timing"))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -367,13 +408,21 @@ class CurriculumTrainer:
         self.log(f"resumed from {res.path} at step {self.step}/{self.plan.total_steps}")
         return True
 
-    def save(self, best: bool = False) -> None:
+    def save(self, best: bool = False, ema: bool = False) -> None:
         """Checkpoint the current step (rank 0) on the background writer; never a state that
-        followed a non-finite loss."""
+        followed a non-finite loss. ``ema``: ``checkpoint-best-ema.pth``, whose ``model`` holds the
+        EMA weights (so evaluating it needs nothing EMA-specific; no optimizer: not resumable)."""
         self._check_finite()
         if not self.dist.is_main:
             return
-        if best:
+        if ema:
+            path = os.path.join(self.ckpt_dir, "checkpoint-best-ema.pth")
+            st = self.state_dict()
+            st = {"model": st["model_ema"], "step": st["step"], "best_ema": self.best_ema,
+                  "last_eval_ema": st["last_eval_ema"],
+                  "meta": {**st["meta"], "weights": "ema", "ema_decay": self.ema.decay}}
+            self.writer.submit(st, lambda st: atomic_save(st, path))
+        elif best:
             path = os.path.join(self.ckpt_dir, "checkpoint-best.pth")
             self.writer.submit(self.state_dict(), lambda st: atomic_save(st, path))
         else:
@@ -476,6 +525,8 @@ class CurriculumTrainer:
         self._prepare_stage(ps)
         if hasattr(self.task, "on_stage_start"):
             self.task.on_stage_start(self.model, ps)
+            if self.ema is not None:
+                self.task.on_stage_start(self.ema.module, ps)
         if self.replay is not None:
             self.replay.clear()                  # its host memory goes back now, not at garbage collection
         self.replay = None
@@ -488,8 +539,10 @@ class CurriculumTrainer:
                 self._refill_replay(ps, self.step - ps.start_step)
         self._resume_replay = None
         self.timing.stages.setdefault(ps.index, StageTiming(ps.stage.size))
+        buffer = (f" (buffer: {ps.stage.replay_buffer} loader batches in {self.replay.chunks_per_batch} chunks each, "
+                  f"{self.replay_bytes[ps.index] / 2 ** 30:.2f} GiB per process when full)" if self.replay is not None else "")
         self.log(f"stage {ps.index}: input {ps.stage.size}, batch {ps.batch_size} x accum {ps.accum_steps}, "
-                 f"replay {ps.stage.replay_times}, steps {ps.start_step}-{ps.end_step}")
+                 f"replay {ps.stage.replay_times}{buffer}, steps {ps.start_step}-{ps.end_step}")
 
     def _refill_replay(self, ps: PlannedStage, stage_step: int) -> None:
         """Resuming inside a replay stage: prepare again the loader batches the buffer held when the
@@ -541,6 +594,10 @@ class CurriculumTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            # every optimizer step, also one an fp16 scaler skipped (inf gradients): as the official
+            # loop does (it updates after loss_scaler(...) whatever the scaler decided)
+            self.ema.update(self.model)
         return images
 
     def fit(self) -> Dict[str, Any]:
@@ -622,6 +679,8 @@ class CurriculumTrainer:
                     self.save()
                 if improved:
                     self.save(best=True)
+                if evaluate and self._ema_improved:
+                    self.save(ema=True)
                 now = time.perf_counter()
                 self.timing.overhead_seconds += now - t_over
                 t_stage = now
@@ -635,7 +694,8 @@ class CurriculumTrainer:
                 progress.close()
             self._close_logs()
             self._release_ddp()
-        summary = {**self.speed_summary(), "eval": self.eval_record(), "best": self.best}
+        summary = {**self.speed_summary(), "eval": self.eval_record(), "best": self.best,
+                   **({"best_ema": self.best_ema} if self.ema is not None else {})}
         summary_path = os.path.join(self.run_dir, "summary.json")
         # a finished run started again trains nothing: its summary stays as written
         if self.dist.is_main and self.step > 0 and (self.step > first_step or not os.path.isfile(summary_path)):
@@ -645,7 +705,8 @@ class CurriculumTrainer:
             atomic_write_json(summary, summary_path)
         return {"step": self.step, "total_steps": total, "trained_steps": self.step - first_step,
                 "loss": self._last_loss, "bad_samples": self.bad_samples,
-                "best": self.best, "eval": self.last_eval, "speed": summary}
+                "best": self.best, "eval": self.last_eval, "speed": summary,
+                **({"best_ema": self.best_ema, "eval_ema": self.last_eval_ema} if self.ema is not None else {})}
 
     def _release_ddp(self) -> None:
         """Drop the DDP wrapper (and its reducer's hold on the process group) while the process
@@ -669,7 +730,8 @@ class CurriculumTrainer:
     def eval_record(self) -> Dict[str, float]:
         """The last evaluation under its logged names (``eval_top1``, ``knn_top1``, ...)."""
         prefix = getattr(self.task, "eval_prefix", "eval_")
-        return {f"{prefix}{k}": v for k, v in self.last_eval.items()}
+        return {**{f"{prefix}{k}": v for k, v in self.last_eval.items()},
+                **{f"{prefix}ema_{k}": v for k, v in self.last_eval_ema.items()}}    # TensorBoard: eval/ema_top1
 
     def _evaluate(self) -> bool:
         """Run the task's evaluation (every rank), log and plot it, and say whether it is the best
@@ -682,12 +744,20 @@ class CurriculumTrainer:
         improved = key is not None and (self.best is None or metrics[key] > self.best)
         if improved:
             self.best = metrics[key]
+        self._ema_improved = False
+        if self.ema is not None and self.cfg.ema_eval:          # the EMA weights, evaluated the same way
+            with torch.random.fork_rng(devices=devices):
+                self.last_eval_ema = self.task.evaluate(self.ema.module)
+            self._ema_improved = key is not None and (self.best_ema is None or self.last_eval_ema[key] > self.best_ema)
+            if self._ema_improved:
+                self.best_ema = self.last_eval_ema[key]
         if self.dist.is_main and metrics:
             rec = self.eval_record()
             self._write_metrics({"step": self.step, **rec, "budget": self.plan.budget_fraction(self.step),
                                  "wall_s": self.timing.total_seconds}, section="eval")
             shown = ", ".join(f"{k} {v:.4g}" for k, v in rec.items())
-            self.log(f"eval at step {self.step}: {shown}" + (" (best)" if improved else ""))
+            self.log(f"eval at step {self.step}: {shown}" + (" (best)" if improved else "")
+                     + (" (best EMA)" if self._ema_improved else ""))
             first = next(iter(rec))
             plot_eval_curve(os.path.join(self.run_dir, "metrics.jsonl"), first,
                             os.path.join(self.run_dir, f"{first}.png"))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from engine.config import ConfigError, join_key
 from engine.trainer import TrainConfig
@@ -17,7 +17,10 @@ class ClassifierConfig:
                                           # model.checkpoint (ours), else vit_base_patch16_224
     num_classes: int = 1000               # classes of the new head (must match the class folders)
     img_size: Optional[int] = None        # final (and evaluation) input size; null: model.checkpoint's, else 224
-    drop_path: float = 0.1                # stochastic depth rate (timm drop_path_rate)
+    builder: Literal["timm", "torchvision"] = "timm"   # who builds model.name: timm (timm.create_model) | torchvision
+                                          # (torchvision.models.get_model; resnet50 as the official ET++ code)
+    drop_path: Optional[float] = None     # stochastic depth rate (timm drop_path_rate); null: recipe=official's
+                                          # budget-scaled rate, else 0.1 (0 for torchvision models)
     global_pool: str = "avg"              # ViTs: avg + fc_norm (MAE fine-tuning) or token (linear probing)
     checkpoint: str = ""                  # pretrained weights: our MAE / fine-tuned checkpoints or official MAE files
     layer_decay: float = 0.75             # layer-wise lr decay for ViTs (1.0 = off)
@@ -32,7 +35,16 @@ class ClassifierConfig:
     def validate(self, where: str) -> None:
         import timm
 
-        if self.name != "auto" and not timm.is_model(self.name):
+        if self.builder == "torchvision":
+            import torchvision
+
+            if self.name != "auto" and self.name not in torchvision.models.list_models(torchvision.models):
+                raise ConfigError(f"{where}.name: {self.name!r} is not a torchvision classification model "
+                                  f"({where}.builder=torchvision); allowed: torchvision.models.list_models(), e.g. resnet50")
+            if self.drop_path:
+                raise ConfigError(f"{where}.drop_path={self.drop_path:g}: torchvision models have no stochastic depth; "
+                                  f"set {where}.drop_path=0 or {where}.builder=timm")
+        elif self.name != "auto" and not timm.is_model(self.name):
             import difflib
 
             close = difflib.get_close_matches(self.name, timm.list_models(), n=4, cutoff=0.75)
@@ -46,6 +58,8 @@ class ClassifierConfig:
             raise ConfigError(f"{where}.resize: {self.resize!r} is not allowed; allowed: official (per-stage ViT "
                               "position / Swin window tables, as the official code) or forward (final-size tables "
                               "resampled in the forward pass)")
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
+            raise ConfigError(f"{where}.drop_path must be in [0, 1) (or null), got {self.drop_path}")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"{where}.layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.num_classes < 1:
@@ -66,12 +80,21 @@ class ClassifierDataConfig:
     smoothing: float = 0.1                # label smoothing
     reprob: float = 0.25                  # random erasing probability (applied on the device)
     crop_pct: float = 0.875               # evaluation: resize to size / crop_pct, centre crop
-    lowfreq: Literal["fft", "downsample"] = "fft"   # shrink to the stage size: fft (low-frequency crop) | downsample (bicubic)
+    lowfreq: Literal["fft", "cpu-lanczos", "downsample"] = "fft"   # shrink to the stage size: fft (low-frequency
+                                          # crop on the device, after erasing at the final size: the ICCV order) |
+                                          # cpu-lanczos (ET++: Lanczos resize in the workers after RandAug, erasing
+                                          # at the stage size) | downsample (bicubic on the device)
+    replay_chunks: int = 32               # replay stages: chunks each loader micro-batch is stored as; replayed
+                                          # chunks are drawn uniformly (official: 32; must divide the micro-batch)
     demo: bool = False                    # generate the bundled demo set at `path` if missing
 
     def validate(self, where: str) -> None:
         if not self.path:
             raise ConfigError(f"{where}.path is required: a folder with {self.train_dir}/ and {self.val_dir}/ (ImageFolder layout)")
+        if self.replay_chunks < 1:
+            raise ConfigError(f"{where}.replay_chunks must be >= 1, got {self.replay_chunks}")
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers must be >= 0, got {self.num_workers}")
         if not 0 < self.crop_pct <= 1:
             raise ConfigError(f"{where}.crop_pct must be in (0, 1], got {self.crop_pct}")
         sc = self.scale
@@ -99,6 +122,10 @@ class FTCurriculumConfig:
 @dataclass
 class FTEvalConfig:
     max_batches: Optional[int] = None     # validate on the first N batches only (quick checks); null: the whole set
+    size: Literal["stage", "final"] = "stage"   # input size of evaluations during smaller stages: stage (the
+                                          # stage size, as the official code) | final; the run's last evaluation
+                                          # is at the final size either way, and only final-size ones compete for
+                                          # checkpoint-best.pth
 
     def validate(self, where: str) -> None:
         if self.max_batches is not None and self.max_batches < 1:
@@ -109,7 +136,11 @@ class FTEvalConfig:
 @dataclass
 class FinetuneConfig:
     mode: str = "finetune"                # finetune | linprobe | train | eval
-    optimizer: str = "adamw"              # adamw | lars (linear probing, as MAE)
+    recipe: Literal["none", "official"] = "none"   # official: the official ET++ launcher of model.name
+                                          # (finetune/recipes.py): null train.warmup_epochs / model.drop_path get its
+                                          # formulas, and the run lists every setting that differs from it
+    optimizer: str = "adamw"              # adamw | lamb (CSWin-B's official recipe) | lars (linear probing, as MAE)
+    opt_eps: float = 1e-8                 # optimizer epsilon (AdamW / LAMB; official LAMB runs use 1e-6)
     model: ClassifierConfig = field(default_factory=ClassifierConfig)   # the classifier and its pretrained weights
     data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)   # ImageFolder data and augmentation
     curriculum: FTCurriculumConfig = field(default_factory=FTCurriculumConfig)   # the curriculum and the budget
@@ -120,8 +151,20 @@ class FinetuneConfig:
     def validate(self, where: str) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"{join_key(where, 'mode')}: {self.mode!r} is not allowed; allowed: {', '.join(MODES)}")
-        if self.optimizer not in ("adamw", "lars"):
-            raise ConfigError(f"{join_key(where, 'optimizer')}: {self.optimizer!r} is not allowed; allowed: adamw, lars")
+        if self.optimizer not in ("adamw", "lamb", "lars"):
+            raise ConfigError(f"{join_key(where, 'optimizer')}: {self.optimizer!r} is not allowed; allowed: adamw, "
+                              "lamb, lars")
+        if not self.opt_eps > 0:
+            raise ConfigError(f"{join_key(where, 'opt_eps')} must be > 0, got {self.opt_eps}")
+        self.recipe_report: List[str] = []
+        if self.recipe == "official":
+            from .recipes import apply_recipe
+
+            self.recipe_report = apply_recipe(self)
+        if self.model.drop_path is None:
+            self.model.drop_path = 0.0 if self.model.builder == "torchvision" else 0.1
+        if self.mode == "eval" and self.train.warmup_epochs is None:
+            self.train.warmup_epochs = 0.0
         if self.mode != "eval":
             self.train.check_budget(join_key(where, "train"), self.curriculum.epochs)
         if self.mode in ("finetune", "linprobe", "eval") and not self.model.checkpoint:

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from efficienttrain.curriculum import get_curriculum
+from efficienttrain.replay import check_replay_memory
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.config import ConfigError, to_dict
 from engine.data import EvalDataset, check_same_classes, eval_transform, image_folder
@@ -39,7 +40,13 @@ def build_optimizer(cfg: FinetuneConfig, model: nn.Module, dist: DistInfo) -> to
         for g in groups:   # as MAE's LARS: no trust-ratio adaptation (and no decay) for 1-D parameters
             g["always_adapt"] = g["weight_decay"] > 0 or any(p.ndim > 1 for p in g["params"])
         return Lars(groups, lr=t.base_lr(), momentum=0.9, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(groups, lr=t.base_lr(), betas=tuple(t.betas),
+    if cfg.optimizer == "lamb":
+        from timm.optim import Lamb
+
+        # timm's Lamb is the implementation the official code ships (lamb.py): global gradient-norm
+        # clipping at 1.0 inside the step, trust ratio on decayed parameters
+        return Lamb(groups, lr=t.base_lr(), betas=tuple(t.betas), eps=cfg.opt_eps, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.base_lr(), betas=tuple(t.betas), eps=cfg.opt_eps,
                              **({"fused": True} if dist.device.type == "cuda" else {}))
 
 
@@ -67,6 +74,8 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
         taken = resolve_architecture(cfg.model, ckpt)
         if taken:
             log(f"architecture {taken}")
+        for line in getattr(cfg, "recipe_report", []):
+            log(line)
         if cfg.mode == "eval":
             return run_eval(cfg, r, ckpt)
         model = build_model(cfg, log, ckpt)
@@ -109,8 +118,12 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
         savings = (log_planned_savings(classifier_builder(cfg.model), cur, cfg.curriculum.epochs,
                                        cfg.curriculum.baseline_epochs or cfg.curriculum.epochs, log, cfg.model.name)
                    if dist.is_main else None)   # the pixel plan beside the model's FLOPs
+        replay_bytes = check_replay_memory(plan, dist.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)),
+                                           ClassificationTask.replay_sample_bytes)
         if r.opts.dry_run:
             log("\n".join(f"stage {row['stage']}: size {row['size']}, steps {row['start_step']}-{row['end_step']}"
+                          + (f", replay {row['replay_times']} (buffer {replay_bytes[row['stage']] / 2 ** 30:.2f} GiB "
+                             "per process when full)" if row['stage'] in replay_bytes else "")
                           for row in plan.rows()))
             log("dry run: the config, checkpoint, curriculum and data check out; nothing was trained or written")
             return {"dry_run": True, "total_steps": plan.total_steps, "run_dir": r.dir}
@@ -132,6 +145,8 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
         log(f"validation at {task._eval_size()}px{part}: top-1 {ev.get('top1', float('nan')):.2f}% "
             f"top-5 {ev.get('top5', float('nan')):.2f}% (best top-1 {result['best'] or float('nan'):.2f}%, "
             f"chance {100.0 / len(classes):.1f}%)")
+        if result.get("best_ema") is not None:
+            log(f"EMA of weights: best top-1 {result['best_ema']:.2f}% (checkpoints/checkpoint-best-ema.pth)")
         log(f"run directory: {r.dir}")
         return {**result, "run_dir": r.dir, "num_classes": len(classes)}
 

@@ -90,6 +90,9 @@ def resolve_architecture(cfg: ClassifierConfig, ckpt: Optional[Dict[str, Any]]) 
             name, size = MAE_TO_TIMM[arch], meta.get("img_size")
         elif meta.get("model_name"):                      # our fine-tuned / probed classifier
             name, derived, size = meta["model_name"], dict(meta.get("model_kwargs") or {}), meta.get("img_size")
+            if meta.get("builder", "timm") != cfg.builder:
+                cfg.builder = meta["builder"]
+                taken.append(f"model.builder={cfg.builder}")
         else:                                             # an official file: read the shapes
             sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
             name, derived, size = _vit_from_state(sd if isinstance(sd, dict) else {}, cfg.checkpoint)
@@ -111,6 +114,12 @@ def create_classifier(cfg: ClassifierConfig, dynamic_size: bool = False) -> nn.M
     stays at the final grid and is resampled in every forward pass; with ``official`` the training
     task re-makes it at each stage's grid (:mod:`finetune.resize`), so a forward pass at the stage
     size uses it as it is and only other sizes (a FLOPs count, an ad-hoc evaluation) resample it."""
+    if cfg.builder == "torchvision":
+        # the official ET++ ResNet-50: torchvision's resnet50() (every BN gamma 1; timm zero-inits
+        # each block's last one), trained in fp32
+        import torchvision
+
+        return torchvision.models.get_model(cfg.name, weights=None, num_classes=cfg.num_classes, **cfg.kwargs)
     kwargs = dict(cfg.kwargs)
     kwargs.setdefault("drop_path_rate", cfg.drop_path)
     if not timm.is_model(cfg.name):     # from_dict checked the config; a name resolved from a file is checked here

@@ -62,7 +62,7 @@ class ClassificationTask:
         self.cfg, self.dist = cfg, dist
         self.train_files, self.train_labels = list(train_files), list(train_labels)
         d = cfg.data
-        self.replay_chunks = 1
+        self.replay_chunks = d.replay_chunks
         self.normalize = Normalizer(dist.device)
         self.mixup = (Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=d.smoothing,
                             num_classes=cfg.model.num_classes) if (d.mixup > 0 or d.cutmix > 0) else None)
@@ -77,7 +77,13 @@ class ClassificationTask:
         # re-shaped, the final size); a randomly initialised model gets its tables drawn afresh at
         # the first stage's shapes, as the official code builds the model at that size
         self.param_size: Optional[int] = None
+        self.stage_size: Optional[int] = None     # the current stage's input size (eval.size=stage evaluates at it)
         self._random_init = cfg.mode == "train" and not cfg.model.checkpoint
+
+    @staticmethod
+    def replay_sample_bytes(size: int) -> int:
+        """A replayed sample: the stage-size float16 image and its int64 label."""
+        return 3 * size * size * 2 + 8
 
     def _make_val_loader(self, size: int) -> torch.utils.data.DataLoader:
         val = EvalDataset(self.val_files, self.val_labels, eval_transform(size, self.cfg.data.crop_pct))
@@ -90,29 +96,35 @@ class ClassificationTask:
     def make_loader(self, batches: RunBatches) -> torch.utils.data.DataLoader:
         d = self.cfg.data
         ds = CurriculumTrainDataset(self.train_files, self.train_labels, self.cfg.model.img_size, d.randaug,
-                                    d.scale, d.hflip, seed=self.cfg.train.seed)
+                                    d.scale, d.hflip, seed=self.cfg.train.seed,
+                                    lanczos_to_stage=d.lowfreq == "cpu-lanczos")
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919)
         return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=d.num_workers,
                                            collate_fn=collate_train, generator=gen,
                                            pin_memory=self.dist.device.type == "cuda")
 
-    def prepare_stage(self, model: nn.Module, ps: PlannedStage, optimizer: torch.optim.Optimizer) -> bool:
+    def prepare_stage(self, model: nn.Module, ps: PlannedStage,
+                      optimizer: Optional[torch.optim.Optimizer] = None) -> bool:
         """``model.resize=official``: give a Swin / ViT the stage size's windows or patch grid and
         position tables (:mod:`finetune.resize`), carrying the optimizer state over the same way.
         A no-op when the model already has the stage's shapes (a resumed run, prepared before its
         checkpoint was loaded). True when it changed the model (new parameters, or buffers such
-        as Swin's index tables and masks, which a DDP wrapper would otherwise hold stale)."""
+        as Swin's index tables and masks, which a DDP wrapper would otherwise hold stale).
+        ``optimizer=None``: a copy without one (the weight EMA), always interpolated, as the
+        official code converts ``model_ema`` with ``model`` (a fresh draw is the trainer's to copy)."""
         if self.cfg.model.resize != "official" or not handles(model):
             return False
-        untrained = self._random_init and not any(optimizer.state.values())
+        untrained = self._random_init and optimizer is not None and not any(optimizer.state.values())
         init = torch.Generator().manual_seed(self.cfg.train.seed) if untrained else None
         before = current_size(model)
         swaps = prepare_for_size(model, ps.stage.size, init)
-        move_optimizer_state(optimizer, swaps)
+        if optimizer is not None:
+            move_optimizer_state(optimizer, swaps)
         self.param_size = current_size(model)
         return bool(swaps) or self.param_size != before
 
     def on_stage_start(self, model: nn.Module, ps: PlannedStage) -> None:
+        self.stage_size = ps.stage.size
         if self.cfg.model.resize == "official" and handles(model):
             return                              # prepared by prepare_stage
         ok, why = check_resizable(model, ps.stage.size)
@@ -128,7 +140,9 @@ class ClassificationTask:
         return downsample(x, size, "bicubic")
 
     def prepare(self, batch, info: StepInfo) -> Prepared:
-        """Normalise, erase, low-frequency crop (official ET order); mixing happens per step in :meth:`loss`."""
+        """Normalise, erase, shrink to the stage size: the ICCV order (erasing at the final size,
+        then the low-frequency crop) for lowfreq=fft / downsample; with cpu-lanczos the images come
+        at the stage size and are erased there (the ET++ order). Mixing happens per step in :meth:`loss`."""
         imgs, labels = batch[0].to(self.dist.device, non_blocking=True), batch[1].to(self.dist.device, non_blocking=True)
         x = self.normalize(imgs)
         if self.erasing is not None:
@@ -151,24 +165,32 @@ class ClassificationTask:
         return None if self._eval_size() != self.cfg.model.img_size else "top1"
 
     def _eval_size(self) -> int:
-        return self.param_size or self.cfg.model.img_size
+        """The parameters' stage size (model.resize=official), else the stage size with
+        eval.size=stage (as the official code validates every stage), else the final size."""
+        if self.param_size:
+            return self.param_size
+        if self.cfg.eval.size == "stage" and self.stage_size:
+            return self.stage_size
+        return self.cfg.model.img_size
 
     def evaluate(self, model: nn.Module) -> Dict[str, float]:
-        """Top-1 / top-5 / loss with the final-size evaluation transform; a Swin / ViT prepared for a
-        smaller stage (model.resize=official) at that stage's size (resize to size / crop_pct,
-        centre crop size), as the official code evaluates every stage."""
+        """Top-1 / top-5 / loss at :meth:`_eval_size` (resize to size / crop_pct, centre crop size):
+        in smaller stages at the stage size, as the official code evaluates every stage."""
         size = self._eval_size()
         if size not in self._val_loaders:
             self._val_loaders = {self.cfg.model.img_size: self.val_loader, size: self._make_val_loader(size)}
-        return evaluate(model, self._val_loaders[size], self.dist.device, self.dist, max_batches=self.cfg.eval.max_batches)
+        metrics = evaluate(model, self._val_loaders[size], self.dist.device, self.dist,
+                           max_batches=self.cfg.eval.max_batches)
+        return {**metrics, "size": size}          # logged as eval_size: which size this evaluation ran at
 
     def on_stage_end(self, model: nn.Module, ps: PlannedStage, run_dir: str) -> None:
         pass
 
     def checkpoint_meta(self) -> Dict[str, Any]:
         m = self.cfg.model
-        return {"kind": f"classifier_{self.cfg.mode}", "model_name": m.name, "num_classes": m.num_classes,
+        return {"kind": f"classifier_{self.cfg.mode}", "model_name": m.name, "builder": m.builder,
+                "num_classes": m.num_classes,
                 "img_size": m.img_size, "global_pool": m.global_pool, "model_kwargs": dict(m.kwargs),
-                "param_size": self._eval_size(),   # the input size the parameters are shaped for (a stage's
+                "param_size": self.param_size or m.img_size,   # the input size the parameters are shaped for (a stage's
                                                    # in a low-resolution stage with model.resize=official)
                 "linear_probe": self.cfg.mode == "linprobe"}

@@ -46,3 +46,16 @@ def test_list_and_errors():
     assert r.returncode == 2 and "unknown curriculum 'nope'; allowed: baseline, et" in r.stderr
     r = run("show", "et", "--final-size", "200", "--multiple-of", "32")
     assert r.returncode == 2 and "not a multiple of multiple_of=32" in r.stderr
+
+
+def test_yaml_words_stay_words_and_booleans_take_yes_no(tmp_path):
+    # YAML 1.1 reads off / no as false: train.amp=off must stay the word, and a file's `amp: off` too
+    from engine.config import load_config
+    from finetune.config import FinetuneConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("mode: train\ndata: {path: x}\nmodel: {name: resnet10t}\ntrain: {amp: off, compile: yes}\n")
+    cfg = load_config(FinetuneConfig, str(f))
+    assert cfg.train.amp == "off" and cfg.train.compile is True
+    cfg = load_config(FinetuneConfig, str(f), ["train.amp=bf16", "train.compile=off", "train.progress=No"])
+    assert cfg.train.amp == "bf16" and cfg.train.compile is False and cfg.train.progress is False

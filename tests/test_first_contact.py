@@ -303,7 +303,7 @@ def test_finetune_reads_the_architecture_from_our_checkpoint(root, encoder, tmp_
     assert ft(root, out, f"model.checkpoint={encoder}", "--print-config") == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["name"] == "auto" and printed["model"]["img_size"] is None   # resolved when it runs
-    assert printed["train"]["batch_size"] == 8 and printed["eval"] == {"max_batches": None}
+    assert printed["train"]["batch_size"] == 8 and printed["eval"] == {"max_batches": None, "size": "stage"}
     assert ft(root, out, f"model.checkpoint={encoder}", "--dry-run") == 0
     text = capsys.readouterr().out
     assert (f"architecture from {encoder}: model.name=vit_tiny_patch16_224 model.kwargs={{'patch_size': 8, "

@@ -166,3 +166,18 @@ def test_logged_lines_note_a_difference_over_5_percent():
     assert log_planned_savings(timm_builder("swin_tiny_patch4_window7_224"), get_curriculum("etpp", final_size=32),
                                2, None, logs.append) is None
     assert "FLOP-based saving not available" in logs[0] and "input size 16" in logs[0]
+
+
+def test_grouped_convolution_backward_is_counted_with_its_groups():
+    # a depthwise 3x3 conv on 8 channels of 10x10, batch 2: forward 2 * 8 * 100 * 9 multiply-adds
+    # (x2 FLOPs) = 28800; backward = input grad + weight grad = 2 x forward (torch's own formula
+    # ignores groups and counts it 8x too high)
+    from engine.flops import count_training_flops
+
+    conv = torch.nn.Conv2d(8, 8, 3, groups=8, padding=1, bias=False)
+    stem = torch.nn.Conv2d(3, 8, 1, bias=False)            # input grad of the depthwise conv is needed
+    model = torch.nn.Sequential(stem, conv)
+    per_sample = count_training_flops(model, lambda m, x: m(x).sum(), 10, batch=2)
+    stem = 2 * 8 * 3 * 100            # per sample: 1x1 conv 3 -> 8 on 10x10, 2 FLOPs per multiply-add
+    depthwise = 2 * 8 * 9 * 100       # per sample: 3x3 depthwise on 8 channels
+    assert per_sample == 2 * stem + 3 * depthwise == 52800    # the stem has no input gradient to compute

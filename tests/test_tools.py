@@ -73,3 +73,13 @@ def test_benchmark_data_reports_both_paths(tmp_path):
         assert row["cores_per_gpu"]["cpu"] == ips * cpu["worker_ms_per_image"] / 1e3
     r = tool("tools/benchmark_data.py", tmp_path / "missing")
     assert r.returncode == 2 and "error:" in r.stderr
+
+
+def test_wrappers_check_the_config_before_torchrun(tmp_path):
+    # under --nproc > 1 a config mistake must end with exit 2 and the message, not torchrun's report
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["bash", "tools/pretrain.sh", "configs/pretrain/demo.yaml", "--nproc", "2", "train.blr=-1",
+                        f"train.output_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "error: train.blr must be > 0, got -1.0" in r.stderr and "torchrun" not in r.stderr.lower()
+    assert not any(tmp_path.iterdir())                          # nothing started
