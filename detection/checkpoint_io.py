@@ -129,11 +129,13 @@ class KeyReport:
         return "\n".join(lines)
 
 
-def read_state_dict(path: str, what: str = "pretrained", mmap: bool = False,
+def read_state_dict(path: str, what: str = "pretrained", mmap: bool = False, prefix: Optional[str] = None,
                     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(state dict, meta) from any accepted file; ``module.`` prefixes (DDP) are stripped. A
-    file that is missing, unreadable or holds no state dict raises :class:`CheckpointError`
-    naming ``what``, the setting the path came from."""
+    """(state dict, meta) from any accepted file; ``module.`` prefixes (DDP) are stripped, and
+    with ``prefix`` (e.g. ``'backbone.'``: the backbone of a whole detector's checkpoint) only the
+    keys under it are kept, without it. A file that is missing, unreadable or holds no state dict
+    (or none under ``prefix``) raises :class:`CheckpointError` naming ``what``, the setting the
+    path came from."""
     path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{what} {path!r} does not exist: set `pretrained` in the config (or "
@@ -152,6 +154,14 @@ def read_state_dict(path: str, what: str = "pretrained", mmap: bool = False,
     if not tensors:
         raise CheckpointMismatchError(f"{what} {path!r} holds no tensors (top-level keys: "
                                       f"{sorted(map(str, ckpt))[:10]}); expected {PRETRAINED_EXPECTED}")
+    if prefix:
+        under = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not under:
+            heads = sorted({k.split(".")[0] + "." for k in tensors})[:8]
+            raise CheckpointMismatchError(f"{what} {path!r} has no keys under init_cfg prefix {prefix!r} (its key "
+                                          f"prefixes: {heads}); drop the prefix for backbone weights, or name the "
+                                          "part of a detector checkpoint that holds the backbone")
+        tensors = under
     return tensors, meta
 
 
@@ -231,8 +241,9 @@ def map_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, path: str = "<
     if file_depth != model_depth and not detector:
         report.hints.append(f"the file has {file_depth} blocks, the backbone depth={model_depth}")
     if detector:
-        report.hints.append("this looks like a whole detector's checkpoint: resume it or set load_from=PATH, "
-                            "init_cfg is for backbone weights")
+        report.hints.append("this looks like a whole detector's checkpoint: resume it, set load_from=PATH, or "
+                            "take its backbone with init_cfg=dict(type='Pretrained', checkpoint=PATH, "
+                            "prefix='backbone.')")
     for key, src, dst in report.mismatched:
         if key == "patch_embed.proj.weight":
             report.hints.append(f"the file has patch size {src[-1]} and width {src[0]}; "
@@ -241,17 +252,19 @@ def map_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, path: str = "<
 
 
 def _describe(model: nn.Module) -> str:
-    geometry = ", ".join(f"{k}={getattr(model, k)}" for k in ("img_size", "patch_size", "embed_dim", "depth")
-                         if hasattr(model, k))
+    keys = ("img_size", "pretrain_img_size", "patch_size", "embed_dim", "depth")
+    geometry = ", ".join(f"{k}={getattr(model, k)}" for k in keys if hasattr(model, k))
     return f"{type(model).__name__}({geometry})"
 
 
-def _check(model: nn.Module, path: str, what: str, mmap: bool = False,
+def _check(model: nn.Module, path: str, what: str, mmap: bool = False, prefix: Optional[str] = None,
            ) -> Tuple[Dict[str, torch.Tensor], KeyReport]:
-    sd, meta = read_state_dict(path, what, mmap=mmap)
+    sd, meta = read_state_dict(path, what, mmap=mmap, prefix=prefix)
     mapped, report = map_state_dict(sd, model, path)
     if meta.get("kind"):
         report.notes.insert(0, f"file kind {meta['kind']!r}")
+    if prefix:
+        report.notes.insert(0, f"keys under {prefix!r} (prefix removed)")
     if not report.ok:
         raise CheckpointMismatchError(
             f"{what} {path!r} does not fit the backbone {_describe(model)}:\n{report.format(errors_only=True)}\n"
@@ -260,11 +273,11 @@ def _check(model: nn.Module, path: str, what: str, mmap: bool = False,
 
 
 def load_backbone_checkpoint(model: nn.Module, path: str, logger: Optional[logging.Logger] = None,
-                             what: str = "pretrained") -> KeyReport:
+                             what: str = "pretrained", prefix: Optional[str] = None) -> KeyReport:
     """Load ``path`` into ``model`` and log the key report; any real error raises
     :class:`CheckpointMismatchError` before a single weight is copied. ``what`` names the setting
-    the path came from in errors."""
-    mapped, report = _check(model, path, what)
+    the path came from in errors; ``prefix`` selects the keys under it (``'backbone.'``)."""
+    mapped, report = _check(model, path, what, prefix=prefix)
     model.load_state_dict(mapped, strict=False)
     if logger is not None:
         logger.info(report.format())
@@ -280,6 +293,7 @@ def check_backbone_checkpoint(backbone_cfg: Mapping[str, Any], path: str, what: 
     from .vit import PlainViT   # vit imports this module
 
     kwargs = {k: v for k, v in backbone_cfg.items() if k not in ("type", "_scope_", "init_cfg")}
+    init_cfg = backbone_cfg.get("init_cfg") or {}
     with torch.device("meta"):
         model = PlainViT(**kwargs)
-    return _check(model, path, what, mmap=True)[1]
+    return _check(model, path, what, mmap=True, prefix=init_cfg.get("prefix"))[1]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from mmengine.config import Config, DictAction
 from mmengine.hooks import Hook
@@ -18,58 +18,24 @@ from engine.config import ConfigError
 
 from .checkpoint_io import KeyReport, check_backbone_checkpoint
 from .runner import DetRunner, read_detector_checkpoint
+from .swin import check_swin_checkpoint
+from .user_settings import USER_VARIABLES, check_model_config, describe, rebind, user_values  # noqa: F401
 
-# Top-level config variables a user sets; configs derive other fields from them
-# (dataset data_root, evaluator ann_file, backbone init_cfg checkpoint).
-USER_VARIABLES = ("data_root", "pretrained")
 COCO_COLUMNS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 CONFIG_EXTENSIONS = (".py", ".json", ".yaml", ".yml")   # what mmengine's Config.fromfile reads
 
 
-def _string_slots(node: Any, path: str) -> Iterator[Tuple[Any, Any, str]]:
-    """(container, key, dotted path) of every string inside nested dicts and lists."""
-    if isinstance(node, dict):
-        items: Iterable = node.items()
-    elif isinstance(node, list):
-        items = enumerate(node)
-    else:
-        return
-    for key, value in items:
-        sub = f"{path}[{key}]" if isinstance(node, list) else (f"{path}.{key}" if path else str(key))
-        if isinstance(value, str):
-            yield node, key, sub
-        else:
-            yield from _string_slots(value, sub)
-
-
 def apply_cfg_options(cfg: Config, options: Optional[Dict[str, Any]]) -> List[str]:
     """Merge ``--cfg-options`` into ``cfg``; a changed user variable (``data_root``, ``pretrained``)
-    is re-applied to every string derived from its old value: equal to it, or, for a folder
-    (ending in '/'), starting with it. Fields the options set explicitly keep their value.
-    Returns the paths of the fields it changed."""
+    is re-applied to every string derived from its old value (:func:`detection.user_settings.rebind`).
+    Fields the options set explicitly keep their value. Returns the paths of the fields it changed."""
     if not options:
         return []
-    before = {k: cfg[k] for k in USER_VARIABLES if isinstance(cfg.get(k), str)}
+    before = user_values(cfg)
     cfg.merge_from_dict(options)
     explicit = set(options)
-    changed: List[str] = []
-    for key, old in before.items():
-        if key not in options or cfg[key] == old:
-            continue
-        new = cfg[key]
-        if not isinstance(new, str):
-            raise ConfigError(f"--cfg-options {key} must be a path string, got {new!r}")
-        if old.endswith("/") and not new.endswith("/"):
-            new += "/"
-            cfg[key] = new
-        for container, k, path in _string_slots(cfg._cfg_dict, ""):
-            if path in USER_VARIABLES or any(path == e or path.startswith(e + ".") for e in explicit):
-                continue
-            value = container[k]
-            if value == old or (old.endswith("/") and value.startswith(old)):
-                container[k] = new + value[len(old):]
-                changed.append(path)
-    return changed
+    return rebind(cfg, {k: v for k, v in before.items() if k in options},
+                  keep=lambda path: any(path == e or path.startswith(e + ".") for e in explicit))
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -104,7 +70,8 @@ def load_config(args: argparse.Namespace) -> Config:
                           "(check its _base_ list, relative to the config's folder)") from None
     rebound = apply_cfg_options(cfg, args.cfg_options)
     if rebound:
-        print(f"--cfg-options re-applied to: {', '.join(rebound)}")
+        print(f"--cfg-options {describe(rebound, limit=len(rebound))}")
+    check_model_config(cfg)
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or os.path.join(
         "work_dirs", os.path.splitext(os.path.basename(args.config))[0])
@@ -112,17 +79,20 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def check_pretrained(cfg: Config) -> Optional[KeyReport]:
-    """Check the file a ``PlainViT`` backbone's ``init_cfg`` names (``pretrained``) against the
-    backbone before a training run builds anything (see :func:`check_backbone_checkpoint`: shapes
-    only, cheap); ``None`` when the config loads no pretrained backbone."""
+    """Check the file a ``PlainViT`` / ``TimmSwinTransformer`` backbone's ``init_cfg`` names
+    (``pretrained``) against the backbone before a training run builds anything (shapes only,
+    cheap: :func:`check_backbone_checkpoint`, :func:`detection.swin.check_swin_checkpoint`);
+    ``None`` when the config loads no pretrained backbone of ours."""
+    checkers = {"PlainViT": check_backbone_checkpoint, "TimmSwinTransformer": check_swin_checkpoint}
     backbone = cfg.model.get("backbone") or {}
     init_cfg = backbone.get("init_cfg")
-    if str(backbone.get("type", "")).split(".")[-1] != "PlainViT" or not isinstance(init_cfg, dict) \
+    checker = checkers.get(str(backbone.get("type", "")).split(".")[-1])
+    if checker is None or not isinstance(init_cfg, dict) \
             or init_cfg.get("type") != "Pretrained" or not isinstance(init_cfg.get("checkpoint"), str):
         return None
     path = init_cfg["checkpoint"]
     what = "pretrained" if path == cfg.get("pretrained") else "model.backbone.init_cfg.checkpoint"
-    return check_backbone_checkpoint(backbone, path, what)
+    return checker(backbone, path, what)
 
 
 def check_detector_checkpoint(cfg: Config, path: str, what: str, resume: bool = False) -> None:

@@ -2,7 +2,10 @@
 figure was made).
 
     .venv/bin/python -m detection.memory_estimate configs/detection/cascade-mask-rcnn_vit-b-mae_sfp_1x_coco.py \
-        [--batch 2] [--height 800] [--width 1344] [--objects 20]
+        [--batch 2] [--height H] [--width W] [--objects 20]
+
+The input size defaults to the config's padded square (``SquarePadDataPreprocessor.square_size``:
+1024x1024 for the full configs), else 800x1344.
 
 One real training step (forward with the config's activation checkpointing, backward, AdamW
 step with its state already allocated) runs on the CPU under ``torch.autocast(bfloat16)``: a
@@ -34,6 +37,7 @@ from mmdet.structures import DetDataSample
 from mmdet.structures.mask import BitmapMasks
 
 from .layer_decay import ViTLayerDecayOptimizerConstructor
+from .preprocess import square_size_of
 
 GIB = 1024 ** 3
 
@@ -101,12 +105,17 @@ def _mmcv_ops_in_fp32() -> Iterator[None]:
             setattr(ext, name, fn)
 
 
-def estimate(config: str, batch: int = 2, height: int = 800, width: int = 1344, objects: int = 20,
-             dtype: torch.dtype = torch.bfloat16, cfg_options: Optional[dict] = None) -> Dict[str, float]:
-    """Peak live tensor memory (GiB, by category) of one training step of ``config``'s model."""
+def estimate(config: str, batch: int = 2, height: Optional[int] = None, width: Optional[int] = None,
+             objects: int = 20, dtype: torch.dtype = torch.bfloat16, cfg_options: Optional[dict] = None,
+             ) -> Dict[str, float]:
+    """Peak live tensor memory (GiB, by category) of one training step of ``config``'s model;
+    ``height`` / ``width`` default to the config's padded square (else 800 x 1344)."""
     cfg = Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    square = square_size_of(cfg.model)
+    height = height or square or 800
+    width = width or square or 1344
     init_default_scope(cfg.get("default_scope", "mmdet"))
     cfg.model.backbone.init_cfg = None          # random weights: memory does not depend on them
     torch.manual_seed(0)
@@ -141,6 +150,7 @@ def estimate(config: str, batch: int = 2, height: int = 800, width: int = 1344, 
     out = {str(getattr(k, "value", k)): v / GIB for k, v in snap.items()}
     out["seconds"] = time.time() - t0
     out["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+    out["height"], out["width"] = height, width
     return out
 
 
@@ -148,8 +158,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("--batch", type=int, default=2, help="images per GPU (default 2)")
-    ap.add_argument("--height", type=int, default=800, help="padded input height (default 800)")
-    ap.add_argument("--width", type=int, default=1344, help="padded input width (default 1344: 1333 padded to 32)")
+    ap.add_argument("--height", type=int, default=None,
+                    help="padded input height (default: the config's square_size, else 800)")
+    ap.add_argument("--width", type=int, default=None,
+                    help="padded input width (default: the config's square_size, else 1344: 1333 padded to 32)")
     ap.add_argument("--objects", type=int, default=20, help="ground-truth objects per image (default 20)")
     ap.add_argument("--fp32", action="store_true", help="no autocast (full precision training)")
     ap.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, metavar="KEY=VALUE",
@@ -158,7 +170,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     res = estimate(args.config, args.batch, args.height, args.width, args.objects,
                    torch.float32 if args.fp32 else torch.bfloat16, args.cfg_options)
     setting = f"{' ' + str(args.cfg_options) if args.cfg_options else ''} ({'fp32' if args.fp32 else 'bf16 autocast'})"
-    print(f"{args.config}{setting}: {args.batch} x {args.height}x{args.width}, {args.objects} objects/image, "
+    height, width = res.pop("height"), res.pop("width")
+    print(f"{args.config}{setting}: {args.batch} x {height}x{width}, {args.objects} objects/image, "
           f"{res.pop('params_M'):.1f}M parameters, one CPU step in {res.pop('seconds'):.0f} s")
     print("peak live tensor memory (GiB) by category at the peak:")
     for k, v in res.items():

@@ -17,6 +17,7 @@ up-front check.
 from __future__ import annotations
 
 import contextlib
+import copy
 import pickle
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -122,6 +123,22 @@ class DetRunner(Runner):
 
     checkpoint_label: Optional[str] = None
     _resuming = False
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> "DetRunner":
+        """As mmengine's, after re-applying a changed ``data_root`` / ``pretrained`` to the fields
+        derived from them (:func:`detection.user_settings.rebind_from_file`: mmdet's own
+        ``tools/train.py`` / ``test.py`` merge ``--cfg-options`` literally) and checking the
+        backbone against the padded square (:func:`detection.user_settings.check_model_config`)."""
+        from .user_settings import check_model_config, describe, rebind_from_file
+
+        cfg = copy.deepcopy(cfg)
+        note = describe(rebind_from_file(cfg))
+        check_model_config(cfg)
+        runner = super().from_cfg(cfg)
+        if note:
+            runner.logger.info(note)
+        return runner
 
     def resume(self, filename: str, *args: Any, **kwargs: Any) -> None:
         self._resuming = True

@@ -23,13 +23,18 @@ from timm.layers import LayerNorm2d
 from mmdet.registry import MODELS
 
 from engine.config import ConfigError
+
 EXTRA_TYPES = ("maxpool", "conv")
+# LayerNorm over the channels of an NCHW map, for mmcv's ConvModule(norm_cfg=dict(type='LN2d', eps=1e-6))
+# in ViTDet's heads (4conv1fc box head, mask head). mmdet 3.3's own 'LN' is torch's nn.LayerNorm,
+# which normalises an NCHW map over its last axis (the width), not over the channels.
+MODELS.register_module("LN2d", module=LayerNorm2d)
 
 
 def _log2_ratio(stride: int, backbone_stride: int) -> int:
     """Signed number of 2x steps from the backbone stride to ``stride``; errors unless a power of 2."""
-    k = math.log2(stride / backbone_stride)
-    if stride <= 0 or k != round(k):
+    k = math.log2(stride / backbone_stride) if stride > 0 else 0.5   # 0.5: not a whole number of steps
+    if k != round(k):
         raise ConfigError(f"SimpleFeaturePyramid stride {stride} is not a power-of-2 multiple or fraction of the "
                           f"backbone stride {backbone_stride} (allowed e.g. "
                           f"{[backbone_stride * 2 ** i for i in (-2, -1, 0, 1)]})")
@@ -45,6 +50,9 @@ class SimpleFeaturePyramid(BaseModule):
                  strides: Sequence[int] = (4, 8, 16, 32), extra_levels: int = 0, extra_type: str = "maxpool",
                  init_cfg=None) -> None:
         super().__init__(init_cfg=init_cfg)
+        if not isinstance(backbone_stride, int) or backbone_stride <= 0:
+            raise ConfigError(f"SimpleFeaturePyramid backbone_stride must be a positive integer (the backbone's "
+                              f"patch size), got {backbone_stride!r}")
         strides = tuple(int(s) for s in strides)
         if not strides or list(strides) != sorted(set(strides)):
             raise ConfigError(f"SimpleFeaturePyramid strides must be a non-empty ascending sequence without "
@@ -82,15 +90,12 @@ class SimpleFeaturePyramid(BaseModule):
             nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) for _ in range(extra_levels)
         ) if extra_type == "conv" else nn.ModuleList()
         self.extra_levels = extra_levels
-
-    def init_weights(self) -> None:
-        """Kaiming (fan-out) convolutions, zero biases: detectron2's c2_msra_fill, as ViTDet."""
-        super().init_weights()
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        # Initialisation as detectron2: the pyramid's (de)convolutions keep PyTorch's default init
+        # (ViTDet's SimpleFeaturePyramid sets none); P6/P7 convolutions get c2_xavier_fill
+        # (kaiming-uniform with a=1, zero bias), as detectron2's LastLevelP6P7.
+        for conv in self.extra_convs:
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         if len(inputs) != 1:

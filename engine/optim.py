@@ -9,7 +9,7 @@ scale is ``layer_decay ** (depth + 1 - layer_id)``.
 from __future__ import annotations
 
 import re
-from typing import Any, Collection, Dict, Iterable, List, Tuple
+from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,9 +36,11 @@ def no_weight_decay(name: str, param: torch.Tensor, skip: Collection[str]) -> bo
 
 def param_groups_layer_decay(named_params: Iterable[Tuple[str, nn.Parameter]], depth: int, weight_decay: float,
                              layer_decay: float, skip: Collection[str] = ("cls_token", "pos_embed", "dist_token", "reg_token"),
-                             ) -> List[Dict[str, Any]]:
+                             no_decay: Optional[Callable[[str, nn.Parameter], bool]] = None) -> List[Dict[str, Any]]:
     """Groups keyed by (layer, decay or not), each with ``lr_scale``, ``weight_decay`` and the
-    parameter names (``names``, for the run log). ``layer_decay=1`` gives plain groups."""
+    parameter names (``names``, for the run log). ``layer_decay=1`` gives plain groups.
+    ``no_decay(name, param)``: which parameters get no weight decay (default
+    :func:`no_weight_decay` with ``skip``; the detection plug-in passes ViTDet's rule)."""
     if not 0 < layer_decay <= 1:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     groups: Dict[Tuple[int, bool], Dict[str, Any]] = {}
@@ -46,7 +48,7 @@ def param_groups_layer_decay(named_params: Iterable[Tuple[str, nn.Parameter]], d
         if not p.requires_grad:
             continue
         lid = vit_layer_id(name, depth)
-        nd = no_weight_decay(name, p, skip)
+        nd = no_decay(name, p) if no_decay is not None else no_weight_decay(name, p, skip)
         g = groups.setdefault((lid, nd), {"params": [], "names": [], "layer_id": lid,
                                           "lr_scale": layer_decay ** (depth + 1 - lid),
                                           "weight_decay": 0.0 if nd else weight_decay})

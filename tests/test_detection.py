@@ -24,15 +24,18 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
 
 from detection import (CheckpointMismatchError, PlainViT, SimpleFeaturePyramid,  # noqa: E402
-                       ViTLayerDecayOptimizerConstructor, load_backbone_checkpoint, mmengine_checkpoint_globals)
+                       SquarePadDataPreprocessor, ViTLayerDecayOptimizerConstructor, load_backbone_checkpoint,
+                       mmengine_checkpoint_globals)
 from detection.cli import apply_cfg_options, coco_table  # noqa: E402
+from engine.config import ConfigError  # noqa: E402
 from engine.checkpoint import CheckpointError  # noqa: E402
 from pretrain.main import encoder_state_dict, export_encoder  # noqa: E402
 from pretrain.models_mae import create_mae  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "detection"
-TINY = dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, window_size=4,
+# pretrained at 64 px (the `ckpts` fixture's MAE), detection input 64 px
+TINY = dict(img_size=64, pretrain_img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, window_size=4,
             global_attn_indexes=(1, 3), drop_path_rate=0.0)
 
 
@@ -105,7 +108,7 @@ def test_demo_configs_match_the_pretraining_demo():
     pre = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / "demo.yaml", [])
     for name in ("retinanet", "cascade-mask-rcnn"):
         b = Config.fromfile(str(CONFIGS / f"{name}_vit-tiny-mae_sfp_demo.py")).model.backbone
-        assert (b.img_size, b.patch_size, b.depth) == (pre.model.img_size, pre.model.patch, pre.model.depth), name
+        assert (b.pretrain_img_size, b.patch_size, b.depth) == (pre.model.img_size, pre.model.patch, pre.model.depth), name
         assert b.embed_dim == 192 and pre.model.arch == "mae_vit_tiny_patch16"
 
 
@@ -178,10 +181,14 @@ def test_backbone_rejects_bad_configs():
         PlainViT(**{**TINY, "global_attn_indexes": (4,)})
     with pytest.raises(ValueError, match="no default global_attn_indexes for depth 4"):
         PlainViT(**{**TINY, "global_attn_indexes": None})
-    with pytest.raises(ValueError, match="not a multiple of patch_size"):
-        PlainViT(**{**TINY, "img_size": 60})
+    with pytest.raises(ValueError, match="pretrain_img_size 60 is not a positive multiple of patch_size 8"):
+        PlainViT(**{**TINY, "pretrain_img_size": 60})
+    with pytest.raises(ValueError, match="PlainViT img_size 1001 is not a positive multiple of patch_size 8"):
+        PlainViT(**{**TINY, "img_size": 1001})
     with pytest.raises(ValueError, match="init_cfg must be None or dict"):
         PlainViT(**TINY, init_cfg=dict(type="Kaiming"))
+    with pytest.raises(ValueError, match="optional prefix='backbone.'"):
+        PlainViT(**TINY, init_cfg=dict(type="Pretrained", checkpoint="x.pth", map_location="cpu"))
     assert PlainViT(depth=12, embed_dim=64, num_heads=2).global_attn_indexes == (2, 5, 8, 11)
 
 
@@ -227,7 +234,7 @@ def test_pos_embed_is_resampled_to_the_backbone_grid(ckpts, mae):
     """A 64 px / patch-8 table (8x8 + cls) in a backbone pretrained-size 96 (12x12): the cls slot
     is dropped and the grid resampled bicubically without antialiasing (reference: ViTDet's
     get_abs_pos / MAE's interpolate_pos_embed, torch's interpolate on the 2-D grid)."""
-    vit = PlainViT(**{**TINY, "img_size": 96})
+    vit = PlainViT(**{**TINY, "pretrain_img_size": 96})
     report = load_backbone_checkpoint(vit, ckpts["encoder"])
     assert any("cls slot dropped" in n and "12x12" in n for n in report.notes)
     grid = mae.state_dict()["pos_embed"][:, 1:].reshape(1, 8, 8, 192).permute(0, 3, 1, 2)
@@ -238,6 +245,28 @@ def test_pos_embed_is_resampled_to_the_backbone_grid(ckpts, mae):
         pos = vit.pos_embed_for((6, 10))
     ref2 = F.interpolate(ref, size=(6, 10), mode="bicubic", align_corners=False)
     torch.testing.assert_close(pos, ref2.permute(0, 2, 3, 1))
+
+
+def test_init_cfg_prefix_takes_the_backbone_of_a_detector_checkpoint(tmp_path):
+    """init_cfg=dict(type='Pretrained', checkpoint=..., prefix='backbone.') as mmengine's: the keys
+    under the prefix, without it (relative tables included: a detector's file has them)."""
+    torch.manual_seed(0)
+    src = PlainViT(**TINY, use_rel_pos=True)
+    with torch.no_grad():
+        src.blocks[1].attn.rel_pos_h.normal_()
+    sd = {f"backbone.{k}": v for k, v in src.state_dict().items()}
+    sd["neck.outputs.0.0.weight"] = torch.zeros(4, 192, 1, 1)
+    torch.save({"state_dict": sd, "meta": {"epoch": 12}}, tmp_path / "detector.pth")
+    vit = PlainViT(**TINY, use_rel_pos=True,
+                   init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "detector.pth"), prefix="backbone."))
+    vit.init_weights()
+    for key, value in src.state_dict().items():
+        assert torch.equal(vit.state_dict()[key], value), key
+    with pytest.raises(CheckpointMismatchError, match=r"has no keys under init_cfg prefix 'bb\.' \(its key prefixes: "
+                                                      r"\['backbone\.', 'neck\.'\]\)"):
+        load_backbone_checkpoint(PlainViT(**TINY), str(tmp_path / "detector.pth"), prefix="bb.")
+    with pytest.raises(CheckpointMismatchError, match=r"prefix='backbone\.'\)"):   # the hint without a prefix
+        load_backbone_checkpoint(PlainViT(**TINY), str(tmp_path / "detector.pth"))
 
 
 def test_real_checkpoint_errors_raise_before_copying(ckpts, mae, tmp_path):
@@ -298,6 +327,66 @@ def test_simple_feature_pyramid_rejects_bad_strides():
         SimpleFeaturePyramid(32, 16, extra_type="avg")
     with pytest.raises(ValueError, match="single map"):
         SimpleFeaturePyramid(32, 16)((torch.zeros(1, 32, 4, 4),) * 2)
+    with pytest.raises(ValueError, match="stride 0 is not a power-of-2 multiple or fraction of the backbone stride 16"):
+        SimpleFeaturePyramid(32, 16, strides=(0, 8))
+    with pytest.raises(ValueError, match="backbone_stride must be a positive integer"):
+        SimpleFeaturePyramid(32, 16, backbone_stride=0)
+
+
+# ---- fixed square padding ------------------------------------------------------------------------
+def _batch(*shapes, seed=0):
+    """uint8 images [3, h, w] with their data samples, as mmdet's pipeline hands them over."""
+    from mmdet.structures import DetDataSample
+    g = torch.Generator().manual_seed(seed)
+    inputs = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes]
+    return dict(inputs=inputs, data_samples=[DetDataSample(metainfo=dict(img_shape=(h, w))) for h, w in shapes])
+
+
+def test_square_padding_makes_features_independent_of_the_batch():
+    """An image gives the same backbone features alone and batched with a larger one, in training
+    and testing, once every batch is padded to the one square (mmdet's default padding to the
+    batch's largest image changes the position embeddings of the same tokens)."""
+    from mmdet.models.data_preprocessors import DetDataPreprocessor
+    torch.manual_seed(0)
+    vit = PlainViT(**TINY, use_rel_pos=True).eval()                      # made for a 64 px input
+    with torch.no_grad():
+        for blk in vit.blocks:
+            blk.attn.rel_pos_h.normal_()
+            blk.attn.rel_pos_w.normal_()
+    norm = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_size_divisor=32)
+    a, b = (24, 40), (64, 48)                                            # a: 3x5 tokens
+
+    def features(pre, shapes, training):
+        data = _batch(*shapes)
+        data["inputs"][0] = _batch(a)["inputs"][0]                       # the same image a first
+        out = pre(data, training)
+        with torch.no_grad():
+            return vit(out["inputs"])[0][:1, :, :3, :5], out
+
+    square = SquarePadDataPreprocessor(square_size=64, **norm)
+    for training in (False, True):
+        alone, out = features(square, [a], training)
+        assert tuple(out["inputs"].shape[-2:]) == (64, 64)
+        assert out["data_samples"][0].batch_input_shape == (64, 64) == out["data_samples"][0].pad_shape
+        batched, _ = features(square, [a, b], training)
+        torch.testing.assert_close(alone, batched, rtol=0, atol=1e-5)
+    plain = DetDataPreprocessor(**norm)                                  # pads to 32x64, then to 64x64
+    assert (features(plain, [a], False)[0] - features(plain, [a, b], False)[0]).abs().max() > 1e-3
+
+    with pytest.raises(ConfigError, match=r"an image of 96x48 .*does not fit model.data_preprocessor.square_size=64"):
+        square(_batch((96, 48)), False)
+    with pytest.raises(ConfigError, match="square_size must be a positive multiple of pad_size_divisor 32"):
+        SquarePadDataPreprocessor(square_size=100, pad_size_divisor=32)
+
+
+def test_square_padding_pads_the_masks_in_training():
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+    data = _batch((24, 40))
+    data["data_samples"][0].gt_instances = InstanceData(masks=BitmapMasks(np.ones((2, 24, 40), np.uint8), 24, 40))
+    out = SquarePadDataPreprocessor(square_size=64, pad_mask=True, pad_size_divisor=32)(data, True)
+    masks = out["data_samples"][0].gt_instances.masks
+    assert (masks.height, masks.width) == (64, 64) and masks.to_ndarray().sum() == 2 * 24 * 40
 
 
 # ---- layer-wise lr decay -----------------------------------------------------------------------
@@ -358,28 +447,116 @@ def test_layer_decay_optimizer_groups(tmp_path):
                                           dict(layer_decay=0.7))(nn.Linear(2, 2))
 
 
+def test_vitdet_weight_decay_rule(tmp_path):
+    """ViTDet's groups (detectron2's get_default_optimizer_params, weight_decay_norm=0, pos_embed
+    override): no decay for torch LayerNorms (the ViT's) and pos_embed only; biases, relative
+    tables and the channel LayerNorms of neck / heads (detectron2's own LayerNorm class) decay."""
+    MMLogger.get_instance("test_vitdet_rule", log_file=str(tmp_path / "ld.log"))
+    model = _Detector()
+    ctor = ViTLayerDecayOptimizerConstructor(
+        dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.1)),
+        paramwise_cfg=dict(layer_decay=0.7, weight_decay_rule="vitdet"))
+    setting = {p: (g["lr"], g["weight_decay"]) for g in ctor(model).optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert set(setting) == set(named.values())
+    not_decayed = {n for n, p in named.items() if setting[p][1] == 0}
+    assert not_decayed == {"backbone.pos_embed"} | {f"backbone.blocks.{i}.norm{j}.{w}" for i in range(4)
+                                                    for j in (1, 2) for w in ("weight", "bias")}
+    for name in ("backbone.blocks.1.attn.qkv.bias", "backbone.blocks.1.attn.rel_pos_h",
+                 "backbone.patch_embed.proj.bias", "neck.outputs.0.1.weight", "neck.outputs.0.1.bias", "bbox_head.bias"):
+        assert setting[named[name]][1] == 0.1, name
+    for name, scale in (("backbone.blocks.3.norm1.weight", 0.7), ("backbone.pos_embed", 0.7 ** 5),
+                        ("backbone.blocks.0.attn.qkv.bias", 0.7 ** 4), ("neck.outputs.0.1.bias", 1.0)):
+        assert setting[named[name]][0] == pytest.approx(1e-3 * scale), name
+    with pytest.raises(ValueError, match="weight_decay_rule 'bias' is unknown; allowed: default, vitdet"):
+        ViTLayerDecayOptimizerConstructor(dict(optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.1)),
+                                          dict(layer_decay=0.7, weight_decay_rule="bias"))
+
+
+def test_cascade_heads_are_vitdets():
+    """2-conv RPN, 4conv1fc box heads and a 4-conv mask head, their convolutions followed by a
+    LayerNorm over channels (LN2d; mmdet's 'LN' would normalise the width of an NCHW map)."""
+    from mmcv.cnn import ConvModule, build_norm_layer
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    init_default_scope("mmdet")
+    cfg = Config.fromfile(str(CONFIGS / "cascade-mask-rcnn_vit-b-mae_sfp_1x_coco.py")).model
+    rpn = MODELS.build({**cfg.rpn_head, "train_cfg": cfg.train_cfg.rpn, "test_cfg": cfg.test_cfg.rpn})
+    assert [type(m) for m in rpn.rpn_conv] == [ConvModule, ConvModule]
+    assert all(m.conv.kernel_size == (3, 3) and not m.with_norm and m.with_activation for m in rpn.rpn_conv)
+    for head_cfg in cfg.roi_head.bbox_head:
+        head = MODELS.build(head_cfg)
+        assert len(head.shared_convs) == 4 and [fc.out_features for fc in head.shared_fcs] == [1024]
+        for conv in head.shared_convs:
+            assert type(conv.norm).__name__ == "LayerNorm2d" and conv.norm.eps == 1e-6 and conv.conv.bias is None
+    mask = MODELS.build(cfg.roi_head.mask_head)
+    assert len(mask.convs) == 4 and all(type(c.norm).__name__ == "LayerNorm2d" for c in mask.convs)
+    _, ln = build_norm_layer(dict(type="LN2d", eps=1e-6), 8)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+        x = torch.randn(2, 8, 5, 7)
+        mu, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+        ref = (x - mu) / torch.sqrt(var + 1e-6) * ln.weight[:, None, None] + ln.bias[:, None, None]
+        torch.testing.assert_close(ln(x), ref, rtol=1e-5, atol=1e-5)
+
+
 # ---- configs ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, arch, layer_decay, detector", [
-    ("retinanet_vit-b-mae_sfp_1x_coco", (768, 12, (2, 5, 8, 11)), 0.7, "RetinaNet"),
-    ("retinanet_vit-l-mae_sfp_1x_coco", (1024, 24, (5, 11, 17, 23)), 0.8, "RetinaNet"),
-    ("cascade-mask-rcnn_vit-b-mae_sfp_1x_coco", (768, 12, (2, 5, 8, 11)), 0.7, "CascadeRCNN"),
-    ("cascade-mask-rcnn_vit-l-mae_sfp_1x_coco", (1024, 24, (5, 11, 17, 23)), 0.8, "CascadeRCNN"),
-])
-def test_full_configs(name, arch, layer_decay, detector):
+FULL_CONFIGS = [
+    (f"{det}_vit-{size}-mae_{recipe}_coco", arch, decay, kind, recipe)
+    for det, kind in (("retinanet", "RetinaNet"), ("cascade-mask-rcnn", "CascadeRCNN"))
+    for size, arch, decay in (("b", (768, 12, (2, 5, 8, 11), 0.1), 0.7), ("l", (1024, 24, (5, 11, 17, 23), 0.4), 0.8))
+    for recipe in ("sfp_1x", "vitdet_100ep")]
+
+
+@pytest.mark.parametrize("name, arch, layer_decay, detector, recipe", FULL_CONFIGS)
+def test_full_configs(name, arch, layer_decay, detector, recipe):
+    """ViTDet's model in every full config (1024 square, tables for 64 tokens / 14-token windows,
+    the 224 position grid, ViTDet's optimizer), with the 1x protocol or ViTDet's 100-epoch LSJ recipe."""
     cfg = Config.fromfile(str(CONFIGS / f"{name}.py"))
     assert cfg.custom_imports == dict(imports=["detection"], allow_failed_imports=False)
     assert cfg.model.type == detector and cfg.model.backbone.type == "PlainViT"
     b = cfg.model.backbone
-    assert (b.embed_dim, b.depth, tuple(b.global_attn_indexes)) == arch and b.window_size == 14 and b.with_cp
+    assert (b.embed_dim, b.depth, tuple(b.global_attn_indexes), b.drop_path_rate) == arch
+    assert (b.img_size, b.pretrain_img_size, b.patch_size, b.window_size) == (1024, 224, 16, 14)
+    assert b.use_rel_pos and b.with_cp
+    assert cfg.model.data_preprocessor.type == "SquarePadDataPreprocessor"
+    assert cfg.model.data_preprocessor.square_size == 1024
     assert b.init_cfg == dict(type="Pretrained", checkpoint=cfg.pretrained)
     assert cfg.model.neck.in_channels == b.embed_dim and cfg.model.neck.backbone_stride == b.patch_size == 16
-    assert cfg.train_cfg.max_epochs == 12
-    steps = [s for s in cfg.param_scheduler if s.type == "MultiStepLR"]
-    assert len(steps) == 1 and steps[0].milestones == [8, 11]
     ow = cfg.optim_wrapper
     assert ow.type == "AmpOptimWrapper" and ow.constructor == "ViTLayerDecayOptimizerConstructor"
-    assert ow.paramwise_cfg == dict(layer_decay=layer_decay) and ow.optimizer.type == "AdamW"
-    assert "momentum" not in ow.optimizer                       # nothing left of the base SGD
+    assert ow.paramwise_cfg == dict(layer_decay=layer_decay, weight_decay_rule="vitdet")
+    assert ow.optimizer == dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1)
+    train_ops = [t.type for t in cfg.train_dataloader.dataset.pipeline]
+    test_ops = {t.type: t for t in cfg.test_dataloader.dataset.pipeline}
+    assert test_ops["Resize"].scale == (1024, 1024) and test_ops["Resize"].keep_ratio
+    if recipe == "sfp_1x":   # the papers' 1x: 12 epochs, steps after 8 and 11, 16 images, resize + flip
+        assert cfg.train_cfg.type == "EpochBasedTrainLoop" and cfg.train_cfg.max_epochs == 12
+        steps = [s for s in cfg.param_scheduler if s.type == "MultiStepLR"]
+        assert len(steps) == 1 and steps[0].milestones == [8, 11] and steps[0].by_epoch
+        assert train_ops[-3:] == ["Resize", "RandomFlip", "PackDetInputs"]
+        assert cfg.train_dataloader.batch_size * 8 == cfg.auto_scale_lr.base_batch_size == 16
+    else:                    # ViTDet: LSJ at 1024 (0.1-2.0), 184375 x 64 images, 250-iteration warm-up
+        assert cfg.train_cfg.type == "IterBasedTrainLoop" and cfg.train_cfg.max_iters == 184375
+        assert "max_epochs" not in cfg.train_cfg
+        warm, steps = cfg.param_scheduler
+        assert (warm.type, warm.start_factor, warm.end, warm.by_epoch) == ("LinearLR", 0.001, 250, False)
+        assert (steps.type, steps.milestones, steps.by_epoch) == ("MultiStepLR", [163889, 177546], False)
+        assert 184375 * 64 / 118_000 == pytest.approx(100, abs=0.01)
+        ops = {t.type: t for t in cfg.train_dataloader.dataset.pipeline}
+        assert ops["RandomResize"].scale == (1024, 1024) and ops["RandomResize"].ratio_range == (0.1, 2.0)
+        assert ops["RandomCrop"].crop_size == (1024, 1024) and ops["RandomCrop"].recompute_bbox
+        assert train_ops.index("RandomFlip") < train_ops.index("RandomResize") < train_ops.index("RandomCrop")
+        assert cfg.train_dataloader.batch_size * 16 == cfg.auto_scale_lr.base_batch_size == 64
+    if detector == "CascadeRCNN":   # ViTDet's heads
+        assert cfg.model.rpn_head.num_convs == 2
+        for head in cfg.model.roi_head.bbox_head:
+            assert head.type == "Shared4Conv1FCBBoxHead" and head.norm_cfg == dict(type="LN2d", eps=1e-6)
+            assert head.loss_bbox.type == "L1Loss"
+        assert cfg.model.roi_head.mask_head.norm_cfg == dict(type="LN2d", eps=1e-6)
+    else:
+        assert (cfg.model.neck.extra_levels, cfg.model.neck.extra_type) == (2, "conv")   # P6 / P7
     for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
         assert loader.dataset.data_root == cfg.data_root == "data/coco/"
     assert cfg.val_evaluator.ann_file == "data/coco/annotations/instances_val2017.json"
@@ -397,6 +574,26 @@ def test_full_configs(name, arch, layer_decay, detector):
     assert "model.backbone.init_cfg.checkpoint" in changed
 
 
+def test_runner_reapplies_user_settings_from_the_config_file(tmp_path):
+    """What DetRunner.from_cfg does for mmdet's own tools (which merge --cfg-options literally):
+    fields still at the file's value follow a changed data_root / pretrained, fields set to another
+    value stay; a backbone not made for the padded square is refused with both keys named."""
+    from detection.user_settings import check_model_config, rebind_from_file
+    cfg = Config.fromfile(str(CONFIGS / "cascade-mask-rcnn_vit-tiny-mae_sfp_demo.py"))
+    assert rebind_from_file(cfg) == []
+    cfg.merge_from_dict({"data_root": "/d/coco", "pretrained": "/w/enc.pth", "test_evaluator.ann_file": "/t.json"})
+    changed = rebind_from_file(cfg)
+    assert cfg.data_root == "/d/coco/" and cfg.train_dataloader.dataset.data_root == "/d/coco/"
+    assert cfg.val_evaluator.ann_file == "/d/coco/annotations/instances_val2017.json"
+    assert cfg.test_evaluator.ann_file == "/t.json" and cfg.model.backbone.init_cfg.checkpoint == "/w/enc.pth"
+    assert "model.backbone.init_cfg.checkpoint" in changed and "test_evaluator.ann_file" not in changed
+    assert rebind_from_file(cfg) == []                                    # nothing left to follow
+    check_model_config(cfg)
+    cfg.model.data_preprocessor.square_size = 256
+    with pytest.raises(ConfigError, match=r"model.backbone.img_size=128 but model.data_preprocessor.square_size=256"):
+        check_model_config(cfg)
+
+
 def test_vit_b_config_builds_and_runs_its_backbone():
     from mmdet.registry import MODELS
     cfg = Config.fromfile(str(CONFIGS / "cascade-mask-rcnn_vit-b-mae_sfp_1x_coco.py"))
@@ -410,6 +607,80 @@ def test_vit_b_config_builds_and_runs_its_backbone():
     with torch.no_grad():
         feats = neck(backbone.eval()(torch.randn(1, 3, 64, 96)))
     assert [f.shape[-2:] for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+
+
+# ---- Swin transfer (the papers' COCO table) ------------------------------------------------------------
+SWIN_TINY = dict(embed_dims=24, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=7, drop_path_rate=0.0,
+                 out_indices=(0, 1, 2, 3))
+
+
+def test_swin_classifier_checkpoint_loads_into_mmdets_swin(tmp_path):
+    """A timm Swin (as `python -m finetune` saves it) in mmdet's SwinTransformer: every stage's
+    output equals timm's stage output (layer-normed, as mmdet's output norms start as identity)
+    at 448 px, where every stage shifts its windows in both; the key report names what is left."""
+    import timm
+    from detection import TimmSwinTransformer
+    from detection.cli import check_pretrained
+    torch.manual_seed(0)
+    src = timm.create_model("swin_tiny_patch4_window7_224", img_size=448, embed_dim=24, depths=(2, 2, 2, 2),
+                            num_heads=(1, 2, 2, 4), num_classes=5).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)      # LayerNorms and biases away from 1 / 0, tables non-zero
+    sd = src.state_dict()
+    torch.save({"model": sd, "model_ema": sd, "meta": {"kind": "classifier_finetune", "model_name": "swin_tiny"}},
+               tmp_path / "swin.pth")
+    swin = TimmSwinTransformer(**SWIN_TINY, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "swin.pth")))
+    logger, records = _capture_logger("swin-report")
+    MMLogger.get_instance("swin-current")                  # the current instance init_weights logs to
+    from detection.swin import load_swin_checkpoint
+    report = load_swin_checkpoint(swin, str(tmp_path / "swin.pth"), logger=logger)
+    assert report.ok and len(report.loaded) == 117
+    text = "\n".join(records)
+    for line in ("117 tensors loaded", "timm layout", "expected miss, classification head: 2 key(s)",
+                 "expected miss, output norm of a stage (detection-only, identity init): 8 key(s)"):
+        assert line in text, line
+    swin.eval()
+    x = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():
+        ref = src.forward_intermediates(x, intermediates_only=True)
+        outs = swin(x)
+    for r, o in zip(ref, outs):
+        r = F.layer_norm(r.permute(0, 2, 3, 1), r.shape[1:2]).permute(0, 3, 1, 2)
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+
+    fresh = TimmSwinTransformer(**SWIN_TINY, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "swin.pth")))
+    fresh.init_weights()                                       # mmengine's init path
+    assert torch.equal(fresh.stages[1].downsample.reduction.weight, swin.stages[1].downsample.reduction.weight)
+
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)relative_position_bias_table: file \[169, 1\] vs "
+                                                      r"backbone \[81, 1\].*window_size=7"):
+        load_swin_checkpoint(TimmSwinTransformer(**{**SWIN_TINY, "window_size": 5}), str(tmp_path / "swin.pth"))
+    cfg = Config.fromfile(str(CONFIGS / "retinanet_swin-t_1x_coco.py"))
+    apply_cfg_options(cfg, {"pretrained": str(tmp_path / "swin.pth")})
+    with pytest.raises(CheckpointMismatchError, match=r"does not fit the backbone TimmSwinTransformer\(embed_dims=96"):
+        check_pretrained(cfg)                                   # before a run builds anything
+    with pytest.raises(ValueError, match="drop convert_weights="):
+        TimmSwinTransformer(**SWIN_TINY, convert_weights=True)
+
+
+@pytest.mark.parametrize("name, detector", [("retinanet_swin-t_1x_coco", "RetinaNet"),
+                                            ("cascade-mask-rcnn_swin-t_1x_coco", "CascadeRCNN")])
+def test_swin_configs_are_the_papers_1x(name, detector):
+    cfg = Config.fromfile(str(CONFIGS / f"{name}.py"))
+    b = cfg.model.backbone
+    assert cfg.model.type == detector and b.type == "TimmSwinTransformer"
+    assert (b.embed_dims, b.depths, b.num_heads, b.window_size, b.drop_path_rate) == (96, [2, 2, 6, 2],
+                                                                                     [3, 6, 12, 24], 7, 0.2)
+    assert b.init_cfg == dict(type="Pretrained", checkpoint=cfg.pretrained)
+    assert cfg.train_cfg.max_epochs == 12 and cfg.param_scheduler[1].milestones == [8, 11]
+    assert cfg.optim_wrapper.optimizer == dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)
+    assert cfg.auto_scale_lr.base_batch_size == 16 and cfg.runner_type == "DetRunner"
+    if detector == "CascadeRCNN":
+        head = cfg.model.roi_head.bbox_head[0]
+        assert (head.num_shared_convs, head.num_shared_fcs, head.loss_bbox.type) == (4, 1, "GIoULoss")
+    changed = apply_cfg_options(cfg, {"data_root": "/data/coco/", "pretrained": "/w/swin.pth"})
+    assert cfg.model.backbone.init_cfg.checkpoint == "/w/swin.pth" and "val_evaluator.ann_file" in changed
 
 
 # ---- demo data ----------------------------------------------------------------------------------
@@ -675,7 +946,8 @@ def test_command_lines_report_user_errors_without_traceback(bad_files, tmp_path)
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and r.stderr.startswith("error: ")
-    assert f"pretrained '{vit_s}' does not fit the backbone PlainViT(img_size=48, patch_size=4, embed_dim=192" in r.stderr
+    assert (f"pretrained '{vit_s}' does not fit the backbone PlainViT(img_size=128, pretrain_img_size=48, "
+            "patch_size=4, embed_dim=192") in r.stderr
     for line in ("0 of the file's 152 tensors fit the backbone", "ERROR keys the backbone does not have: 96",
                  "ERROR shape mismatch patch_embed.proj.weight: file [384, 3, 16, 16] vs backbone [192, 3, 4, 4]",
                  "more shape mismatches", "hint: the file has 12 blocks, the backbone depth=4",
@@ -705,19 +977,16 @@ def test_checkpoint_allowlist_stays_narrow(tmp_path):
 
 def test_configs_run_and_resume_with_mmdets_own_train_script(demo_encoder, demo_coco, tmp_path):
     """mmdet's tools/train.py imports the plug-in through custom_imports and, through the configs'
-    runner_type, resumes with weights-only loading too. It does not re-apply data_root /
-    pretrained, so the derived keys are given one by one (as detection/README.md says)."""
+    runner_type (DetRunner), follows `--cfg-options data_root=... pretrained=...` into the fields
+    derived from them (the config's defaults point nowhere: the run only works if they follow)
+    and resumes with weights-only loading too."""
     import subprocess
 
     import mmdet
     script = Path(mmdet.__file__).parent / ".mim" / "tools" / "train.py"
     assert script.is_file(), script
-    keys = [f"{k}={demo_coco}" for k in ("train_dataloader.dataset.data_root", "val_dataloader.dataset.data_root",
-                                         "test_dataloader.dataset.data_root")]
-    keys += [f"{k}={demo_coco}annotations/instances_val2017.json" for k in ("val_evaluator.ann_file",
-                                                                            "test_evaluator.ann_file")]
-    keys += [f"model.backbone.init_cfg.checkpoint={demo_encoder['official_encoder']}",
-             "train_dataloader.dataset.indices=6", "val_dataloader.dataset.indices=4"]
+    keys = [f"data_root={demo_coco}", f"pretrained={demo_encoder['official_encoder']}",
+            "train_dataloader.dataset.indices=6", "val_dataloader.dataset.indices=4"]
     wd = tmp_path / "mmdet_script"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -728,7 +997,9 @@ def test_configs_run_and_resume_with_mmdets_own_train_script(demo_encoder, demo_
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         return r.stdout + r.stderr
 
-    train("--cfg-options", *keys, "train_cfg.max_epochs=1")
+    out = train("--cfg-options", *keys, "train_cfg.max_epochs=1")
+    assert "data_root / pretrained re-applied to: train_dataloader.dataset.data_root" in out
+    assert "model.backbone.init_cfg.checkpoint" in out and demo_encoder["official_encoder"] in out
     with mmengine_checkpoint_globals():
         n = torch.load(wd / "epoch_1.pth")["meta"]["iter"]
     out = train("--resume", "--cfg-options", *keys, "train_cfg.max_epochs=2")

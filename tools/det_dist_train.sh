@@ -7,8 +7,9 @@
 #
 # Multi-node: run the same command on every node with
 #   NNODES (default 1)  NODE_RANK (0..NNODES-1, default 0)  MASTER_ADDR (default 127.0.0.1)  PORT (default 29500)
-# The configs' LR is for 16 images per step (8 GPUs x 2 images); for another total add
-# --cfg-options auto_scale_lr.enable=True (linear scaling, every layer-decay group alike).
+# The 1x configs' LR is for 16 images per step (8 GPUs x 2 images), the *_vitdet_100ep configs'
+# for 64 (16 GPUs x 4); for another total add --cfg-options auto_scale_lr.enable=True (linear
+# scaling, every layer-decay group alike).
 # mmengine's DDP wrapper needs GPUs (it passes device_ids), so this launcher is for GPU machines;
 # on a CPU use tools/det_train.py. ET_SETUP_ARGS is passed to tools/setup.sh.
 set -euo pipefail

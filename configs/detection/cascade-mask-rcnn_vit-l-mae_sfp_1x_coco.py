@@ -19,4 +19,4 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
 test_evaluator = val_evaluator
 
-optim_wrapper = dict(paramwise_cfg=dict(layer_decay=0.8))
+optim_wrapper = dict(paramwise_cfg=dict(layer_decay=0.8))   # weight_decay_rule='vitdet' from the ViT-B config

@@ -1,7 +1,9 @@
 # Tiny Cascade Mask R-CNN demo: the ViT-B Cascade Mask R-CNN config with the demo MAE ViT-tiny
-# (patch 4, width 192, 4 blocks, pretrained at 48 px by `bash tools/pretrain.sh`) and narrow heads,
-# on the synthetic COCO-format set of tools/make_demo_coco.py (96-128 px images, 3 classes, polygon
-# and crowd-RLE masks). Trains and evaluates boxes + masks on a 2-core CPU in about a minute:
+# (patch 4, width 192, 4 blocks, pretrained at 48 px by `bash tools/pretrain.sh`) at a 128x128
+# input (every image padded to it, as the full configs pad to 1024) and narrow heads (2-conv RPN and
+# LayerNorm mask head as ViTDet's, but 2fc box heads: 4conv1fc is slow on a CPU), on the synthetic
+# COCO-format set of tools/make_demo_coco.py (96-128 px images, 3 classes, polygon and crowd-RLE
+# masks). Trains and evaluates boxes + masks on a 2-core CPU in about a minute:
 #   .venv/bin/python tools/det_train.py configs/detection/cascade-mask-rcnn_vit-tiny-mae_sfp_demo.py
 _base_ = ['./cascade-mask-rcnn_vit-b-mae_sfp_1x_coco.py']
 
@@ -11,10 +13,13 @@ pretrained = 'runs/demo/encoder.pth'
 classes = ('square', 'disc', 'triangle')
 width = 64                # pyramid / head channels
 
+image_size = 128          # the demo's input square (the full configs: 1024)
 cascade_stds = [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]]
+
 model = dict(
-    backbone=dict(img_size=48, patch_size=4, embed_dim=192, depth=4, num_heads=3, drop_path_rate=0.0,
-                  window_size=8, global_attn_indexes=(1, 3), use_rel_pos=True, with_cp=False,
+    data_preprocessor=dict(square_size=image_size),
+    backbone=dict(img_size=image_size, pretrain_img_size=48, patch_size=4, embed_dim=192, depth=4, num_heads=3,
+                  drop_path_rate=0.0, window_size=8, global_attn_indexes=(1, 3), use_rel_pos=True, with_cp=False,
                   init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     # the patch-4 map has stride 4: strides 4-32 come from scale factors 1, 1/2, 1/4, 1/8
     neck=dict(in_channels=192, out_channels=width, backbone_stride=4),
@@ -45,13 +50,13 @@ model = dict(
 train_pipeline = [
     dict(type='LoadImageFromFile'),       # color_type='color': grayscale JPEGs become 3-channel
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),   # polygons and crowd RLE
-    dict(type='Resize', scale=(128, 128), keep_ratio=True),
+    dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs'),
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(128, 128), keep_ratio=True),
+    dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
