@@ -7,6 +7,7 @@ Examples::
     python -m efficienttrain show et --epochs 300 --final-size 384 --multiple-of 32 --json
     python -m efficienttrain show my_curriculum.yaml --plot curriculum.png
     python -m efficienttrain show etpp --epochs 200 --model swin_tiny_patch4_window7_224
+    python -m efficienttrain search configs/search/demo_etpp.yaml [--output DIR] [key=value ...]
 """
 from __future__ import annotations
 
@@ -83,8 +84,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help="also count this timm model's training FLOPs at every stage size (ViT/DeiT built with "
                            "img_size=size, Swin with img_size=size and window_size=size // 32, ConvNets as is) "
                            "and print the FLOP-based speedup beside the pixel one")
+    search = sub.add_parser("search", help="find a curriculum with short proxy training runs (EfficientTrain "
+                                           "Algorithm 1 or the EfficientTrain++ compute-constrained search)")
+    search.add_argument("proxy", help="proxy YAML (see configs/search/ and evaluation/search_runner.py)")
+    search.add_argument("overrides", nargs="*", help="key=value overrides of the proxy, e.g. budget=8 stages=4")
+    search.add_argument("--output", metavar="DIR", help="output folder (default: the proxy's output_dir, else "
+                                                        "runs/search/<name>); rerunning continues the search there")
     args = parser.parse_args(argv)
 
+    if args.command == "search":
+        # the proxy runner trains models: imported only here, the curriculum library does not need it
+        from engine.errors import run_cli
+        from evaluation.search_runner import main_search
+
+        command = " ".join(["python -m efficienttrain", *(sys.argv[1:] if argv is None else argv)])
+        return run_cli(lambda: main_search(args.proxy, args.overrides, args.output, command))
     if args.command == "list":
         for name, fn in BUILTIN.items():
             cur = fn()

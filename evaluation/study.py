@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -155,23 +155,30 @@ def arm_command(study: StudyConfig, arm: ArmConfig, seed: int, run_dir: str) -> 
             f"data.path={study.data}", "data.train_dir=train", "data.val_dir=val"]
 
 
-def check_arms(study: StudyConfig) -> None:
-    """Load every arm's training config (base YAML + study and arm overrides) and its curriculum
-    before anything trains, so a typo in the last arm fails now, not hours into the study."""
-    from efficienttrain.curriculum import CurriculumError, get_curriculum
+def arm_config(study: StudyConfig, arm: ArmConfig, seed: int) -> Tuple[Any, Any]:
+    """An arm's resolved training config (base YAML + study and arm overrides, as its command
+    gives them) and its curriculum; ConfigError / CurriculumError when either does not load."""
+    from efficienttrain.curriculum import get_curriculum
 
     if study.kind == "pretrain":
         from pretrain.config import PretrainConfig as schema
     else:
         from finetune.config import FinetuneConfig as schema
+    cmd = arm_command(study, arm, seed, os.path.join(study.out(), arm.name, f"seed{seed}"))
+    cfg = load_config(schema, study.config, cmd[cmd.index("--config") + 2:])
+    multiple = cfg.curriculum.multiple_of or getattr(cfg.model, "patch", None) or 32
+    # a fine-tuning img_size left at null comes from the checkpoint when the run starts
+    return cfg, get_curriculum(cfg.curriculum.name, cfg.model.img_size or 224, multiple)
+
+
+def check_arms(study: StudyConfig) -> None:
+    """Load every arm's training config (base YAML + study and arm overrides) and its curriculum
+    before anything trains, so a typo in the last arm fails now, not hours into the study."""
+    from efficienttrain.curriculum import CurriculumError
+
     for arm in study.arms:
-        cmd = arm_command(study, arm, (arm.seeds or study.seeds)[0], os.path.join(study.out(), arm.name))
-        overrides = cmd[cmd.index("--config") + 2:]
         try:
-            cfg = load_config(schema, study.config, overrides)
-            multiple = cfg.curriculum.multiple_of or getattr(cfg.model, "patch", None) or 32
-            # a fine-tuning img_size left at null comes from the checkpoint when the run starts
-            get_curriculum(cfg.curriculum.name, cfg.model.img_size or 224, multiple)
+            arm_config(study, arm, (arm.seeds or study.seeds)[0])
         except (ConfigError, CurriculumError) as e:
             raise ConfigError(f"arm {arm.name!r} (overrides {arm.overrides}): {e}") from None
 
@@ -278,7 +285,7 @@ def run_arm(study: StudyConfig, arm: ArmConfig, seed: int, log: Callable[[str], 
         rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise RunFailed(f"arm {arm.name!r} seed {seed} failed (exit {rc}); see {os.path.join(run_dir, 'train.log')}. "
-                           "Rerunning the study resumes it.")
+                           "Running the same command again resumes it.")
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     record: Dict[str, Any] = {"arm": arm.name, "seed": seed, "run_dir": run_dir, "command": cmd[1:],
