@@ -329,3 +329,37 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, modules: Iterable[nn
             if optimizer.state.pop(p, None) is not None:
                 n += 1
     return n
+
+
+def permute_slots(blocks: nn.Module, perm: Sequence[int], optimizer: Optional[torch.optim.Optimizer] = None,
+                  others: Iterable[nn.Module] = ()) -> None:
+    """Move contents between slots: slot ``i`` gets what slot ``perm[i]`` held (weights, buffers and,
+    with ``optimizer``, the per-parameter optimizer state), in ``blocks`` and in every block list of
+    ``others`` (e.g. the momentum network's). Modules and parameter objects stay where they are, so
+    the optimizer's parameter groups, the state-dict names and a resumed run's fresh model all keep
+    matching: compacting the active order to slots 0..d-1 this way needs nothing replayed on resume.
+    Slots must be interchangeable (same structure), as a transformer's blocks are."""
+    n = len(blocks)
+    perm = [int(p) for p in perm]
+    if sorted(perm) != list(range(n)):
+        raise GrowthError(f"slot permutation {perm} must hold each of 0..{n - 1} once")
+    if perm == list(range(n)):
+        return
+    for bl in (blocks, *others):
+        states = [{k: v.clone() for k, v in bl[p].state_dict().items()} for p in perm]
+        for i, st in enumerate(states):
+            bl[i].load_state_dict(st)
+    if optimizer is not None:
+        params = [list(blocks[i].parameters()) for i in range(n)]
+        old = [[optimizer.state.pop(p, None) for p in ps] for ps in params]
+        for i, p in enumerate(perm):
+            for dst, st in zip(params[i], old[p]):
+                if st is not None:
+                    optimizer.state[dst] = st
+
+
+def compaction(order: Sequence[int], num_slots: int) -> Tuple[int, ...]:
+    """The slot permutation (for :func:`permute_slots`) that puts ``order`` at slots 0..len-1 in
+    execution order, the other slots after it in ascending order."""
+    order = _check_order(order, num_slots)
+    return order + tuple(s for s in range(num_slots) if s not in set(order))

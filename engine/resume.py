@@ -34,12 +34,19 @@ NEVER: Tuple[str, ...] = (
     "model.num_heads", "model.decoder_embed_dim", "model.decoder_depth", "model.decoder_num_heads",
     "model.name", "model.builder", "model.kwargs", "model.num_classes", "model.global_pool", "model.resize", "curriculum.name",
     "curriculum.epochs", "curriculum.multiple_of", "train.batch_size", "train.accum_steps",
+    "growth.schedule", "growth.omega", "growth.stages", "growth.operator", "growth.search_epochs",
+    "growth.search_first", "growth.multiple_of",
 )
 _ABSENT = "(absent)"
 # What a key added later meant in checkpoints written before it existed
 LEGACY_DEFAULTS: Dict[str, Any] = {"model.resize": "forward", "model.builder": "timm", "recipe": "none",
                                    "opt_eps": 1e-8, "data.replay_chunks": 1, "train.ema_decay": 0.0,
-                                   "train.ema_eval": True}
+                                   "train.ema_eval": True,
+                                   **{f"growth.{k}": v for k, v in (
+                                       ("schedule", "none"), ("omega", 0.5), ("stages", 4), ("operator", "mogrow"),
+                                       ("momentum", 0.998), ("search_epochs", 2.0), ("search_first", False),
+                                       ("search_images", 256), ("alpha", None), ("adareg", False),
+                                       ("multiple_of", None))}}
 
 
 class Resume(NamedTuple):

@@ -164,6 +164,14 @@ class Task(Protocol):
     # ``evaluate(model) -> dict`` with ``best_metric`` (a key of that dict, higher is better; read
     # at every evaluation, None: this evaluation does not compete): then evaluation runs at stage
     # ends (and every ``eval_every_steps``) and the best checkpoint is kept as ``checkpoint-best.pth``.
+    # Optional, for tasks that change the model per step (progressive growth, engine/progressive.py):
+    # ``before_step(model, info) -> StepInfo`` (once per optimizer step, before its micro-batches are
+    # prepared; the returned info, e.g. another input size, is what prepare / loss / the log see),
+    # ``after_step(model)`` (after every optimizer step, e.g. a momentum network's update),
+    # ``state_dict() / load_state_dict(state)`` (saved in every checkpoint under "task"; on resume
+    # restored before the checkpoint's stage is prepared), ``planned_speedup() -> float`` (the plan's
+    # saving when the curriculum's pixel count does not tell it) and ``ddp_find_unused_parameters``
+    # (True when some parameters get no gradient in a step).
 
 
 def sample_index(position: int, n: int, seed: int, _cache: Dict = {}) -> int:
@@ -275,6 +283,8 @@ class CurriculumTrainer:
         self.writer = CheckpointWriter()
         self._metrics_file = None
         self._tb = None
+        self._before_step = getattr(task, "before_step", None)     # optional per-step hooks (see Task)
+        self._after_step = getattr(task, "after_step", None)
         # train.ema_decay: a float32 copy of the weights on the model's device, averaged after every optimizer step
         self.ema = WeightEma(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.best_ema: Optional[float] = None
@@ -288,8 +298,10 @@ class CurriculumTrainer:
         """DDP (several processes) and torch.compile around ``self.model``; done again after a
         task replaced parameters (DDP's reducer holds the parameters it was built with)."""
         dev = self.dist.device
-        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
-                    if self.dist.enabled else self.model)
+        self.ddp = (nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[dev.index] if dev.type == "cuda" else None,
+            find_unused_parameters=bool(getattr(self.task, "ddp_find_unused_parameters", False)))
+            if self.dist.enabled else self.model)
         self.forward_model = self._compiled(self.ddp) if self.cfg.compile else self.ddp
 
     def _prepare_stage(self, ps: PlannedStage) -> None:
@@ -347,6 +359,7 @@ class CurriculumTrainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "replay": self.replay.state_dict() if self.replay is not None else None,
+            **({"task": self.task.state_dict()} if hasattr(self.task, "state_dict") else {}),
             "meta": {**self.task.checkpoint_meta(), "position": {
                 "step": self.step, "total_steps": self.plan.total_steps,
                 "stage": self.plan.at(min(self.step, self.plan.total_steps - 1)).stage_index,
@@ -403,6 +416,8 @@ class CurriculumTrainer:
         # the checkpoint's parameters have the shapes of the stage its last step trained in (a
         # checkpoint at a stage end precedes the next stage's start, which interpolates them later)
         step = int(res.state["step"])
+        if hasattr(self.task, "load_state_dict"):      # before the stage is prepared (e.g. growth decisions)
+            self.task.load_state_dict(res.state.get("task"))
         self._prepare_stage(self.plan.stages[self.plan.at(min(max(step, 1), self.plan.total_steps) - 1).stage_index])
         self.load_state_dict(res.state)
         self.log(f"resumed from {res.path} at step {self.step}/{self.plan.total_steps}")
@@ -598,6 +613,8 @@ class CurriculumTrainer:
             # every optimizer step, also one an fp16 scaler skipped (inf gradients): as the official
             # loop does (it updates after loss_scaler(...) whatever the scaler decided)
             self.ema.update(self.model)
+        if self._after_step is not None:
+            self._after_step(self.model)
         return images
 
     def fit(self) -> Dict[str, Any]:
@@ -631,6 +648,8 @@ class CurriculumTrainer:
                     stage_idx = info.stage_index
                     self._start_stage(ps)
                     t_stage = time.perf_counter()
+                if self._before_step is not None:
+                    info = self._before_step(self.model, info)
                 lr = plan.lr(self.step, cfg.base_lr(), cfg.warmup_epochs, cfg.min_lr)
                 self._set_lr(lr)
                 images = self._train_step(it, info)
@@ -724,8 +743,10 @@ class CurriculumTrainer:
 
     def speed_summary(self) -> Dict[str, Any]:
         cur = self.plan.curriculum
-        return measured_saving(self.timing, cur.final_size, self.n, self.baseline_epochs,
-                               cur.speedup(self.plan.epochs, self.baseline_epochs))
+        planned = getattr(self.task, "planned_speedup", None)
+        speedup = (planned() * self.baseline_epochs / self.plan.epochs if planned is not None
+                   else cur.speedup(self.plan.epochs, self.baseline_epochs))
+        return measured_saving(self.timing, cur.final_size, self.n, self.baseline_epochs, speedup)
 
     def eval_record(self) -> Dict[str, float]:
         """The last evaluation under its logged names (``eval_top1``, ``knn_top1``, ...)."""

@@ -206,6 +206,11 @@ def training_flops(run_dir: str, kind: str) -> Dict[str, float]:
         plan = json.load(f)
     with open(os.path.join(run_dir, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
+    if (cfg.get("growth") or {}).get("schedule", "none") != "none":
+        from engine.flops import FlopsError
+
+        raise FlopsError("a growth run trains sub-networks the plan's sizes do not describe; its planned block "
+                         "compute is growth.planned_compute in the checkpoint meta and the run log")
     per_size = flops_per_sample(_model_for_flops(cfg, kind), [r["size"] for r in plan["rows"]])
     final = plan["rows"][-1]["size"]
     flops = sum(r["steps"] * r["batch_size"] * per_size[r["size"]] for r in plan["rows"])   # samples the steps ran
@@ -447,7 +452,10 @@ def write_report(report: Dict[str, Any], out: str, command: str) -> None:
               "monitor evaluations excluded), summed over resumed processes. The planned speedup is in the pixel "
               "cost (B^2) the curricula are planned with; the FLOPs saving is the baseline arm's training FLOPs "
               "over the arm's, forward + backward per sample counted on the arm's model at every stage size "
-              "(engine.flops), times the samples the plan's steps process."]
+              "(engine.flops), times the samples the plan's steps process."
+              + (" Growth arms (growth.schedule): the planned speedup is the sub-networks' block FLOPs "
+                 "(engine/progressive.py), and their training FLOPs are not counted (n/a)."
+                 if any(a["curriculum"] in ("prog", "autoprog") for a in report["arms"]) else "")]
     md = os.path.join(out, "study.md")
     with open(md + ".tmp", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

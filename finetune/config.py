@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
 from engine.config import ConfigError, join_key
+from engine.progressive import GrowthConfig
 from engine.trainer import TrainConfig
 
 MODES = ("finetune", "linprobe", "train", "eval")
@@ -147,6 +148,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(   # optimisation, checkpoints, logging, resume
         batch_size=1024, blr=5e-4, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05, betas=[0.9, 0.999]))
     eval: FTEvalConfig = field(default_factory=FTEvalConfig)   # validation
+    growth: GrowthConfig = field(default_factory=GrowthConfig)   # AutoProg / Prog progressive growth (mode=train, ViTs)
 
     def validate(self, where: str) -> None:
         if self.mode not in MODES:
@@ -167,6 +169,20 @@ class FinetuneConfig:
             self.train.warmup_epochs = 0.0
         if self.mode != "eval":
             self.train.check_budget(join_key(where, "train"), self.curriculum.epochs)
+        g = self.growth
+        if g.enabled:
+            gw = join_key(where, "growth")
+            if self.mode != "train":
+                raise ConfigError(f"{gw}.schedule={g.schedule} grows a model trained from the start; it needs "
+                                  f"mode=train, got mode={self.mode}")
+            if self.model.resize != "forward":
+                raise ConfigError(f"{gw}.schedule={g.schedule} changes the input size per step (supernet phases); "
+                                  "set model.resize=forward (one position table resampled in the forward pass)")
+            if self.model.layer_decay != 1.0:
+                raise ConfigError(f"{gw}.schedule={g.schedule}: layer-wise lr decay is not defined for a growing depth; "
+                                  f"set model.layer_decay=1.0, got {self.model.layer_decay}")
+            g.check_run(gw, curriculum=self.curriculum.name, lowfreq=self.data.lowfreq,
+                        ema_decay=self.train.ema_decay, compile=self.train.compile, epochs=self.curriculum.epochs)
         if self.mode in ("finetune", "linprobe", "eval") and not self.model.checkpoint:
             raise ConfigError(f"{join_key(where, 'model.checkpoint')} is required for mode {self.mode!r} "
                               "(a pretraining/encoder checkpoint, or a fine-tuned one for eval)")

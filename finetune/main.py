@@ -16,6 +16,7 @@ from engine.data import EvalDataset, check_same_classes, eval_transform, image_f
 from engine.distributed import DistInfo
 from engine.flops import classifier_builder, log_planned_savings
 from engine.optim import describe_groups, param_groups_layer_decay
+from engine.progressive import GrowthController
 from engine.run import Run, RunOptions, cli_main
 from engine.trainer import CurriculumTrainer, check_plan_fits
 from pretrain.demo_data import demo_dataset_exists, generate_demo_dataset
@@ -85,6 +86,9 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
         # Swin's official windows are img_size // 32: every stage size must be a multiple of 32
         multiple = cfg.curriculum.multiple_of or (32 if swin_official or not patch else patch[0])
         cur = get_curriculum(cfg.curriculum.name, cfg.model.img_size, multiple)
+        growth = make_growth(cfg, model, cur, log) if cfg.growth.enabled else None
+        if growth is not None:
+            cur = growth.curriculum(cur.stages[-1].magnitude)
         odd = sorted({s.size for s in cur.stages if swin_official and s.size % 32})
         if odd:
             raise ConfigError(f"curriculum {cur.name!r} gives Swin the input sizes {odd}, which are not multiples of "
@@ -117,7 +121,7 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
             f"classes, curriculum {cur.name} ({plan.total_steps} steps), lr {t.base_lr():.3g}")
         savings = (log_planned_savings(classifier_builder(cfg.model), cur, cfg.curriculum.epochs,
                                        cfg.curriculum.baseline_epochs or cfg.curriculum.epochs, log, cfg.model.name)
-                   if dist.is_main else None)   # the pixel plan beside the model's FLOPs
+                   if dist.is_main and growth is None else None)   # the pixel plan beside the model's FLOPs
         replay_bytes = check_replay_memory(plan, dist.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)),
                                            ClassificationTask.replay_sample_bytes)
         if r.opts.dry_run:
@@ -135,6 +139,8 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
                 f.write(groups + "\n")
             log(f"parameter groups:\n{groups}")
         task = ClassificationTask(cfg, train_files, train_labels, val_files, val_labels, dist)
+        if growth is not None:
+            growth.attach(task, task.subset_loss)
         trainer = CurriculumTrainer(t, model, task, plan, dist, r.dir, to_dict(cfg), len(train_files),
                                     optimizer=optimizer, resume=r.resume,
                                     baseline_epochs=cfg.curriculum.baseline_epochs or cfg.curriculum.epochs)
@@ -145,10 +151,40 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
         log(f"validation at {task._eval_size()}px{part}: top-1 {ev.get('top1', float('nan')):.2f}% "
             f"top-5 {ev.get('top5', float('nan')):.2f}% (best top-1 {result['best'] or float('nan'):.2f}%, "
             f"chance {100.0 / len(classes):.1f}%)")
+        if growth is not None:
+            log_growth(growth, result, log)
         if result.get("best_ema") is not None:
             log(f"EMA of weights: best top-1 {result['best_ema']:.2f}% (checkpoints/checkpoint-best-ema.pth)")
         log(f"run directory: {r.dir}")
         return {**result, "run_dir": r.dir, "num_classes": len(classes)}
+
+
+def make_growth(cfg: FinetuneConfig, model: nn.Module, cur, log) -> GrowthController:
+    """The growth controller of a timm ViT (``growth.schedule``); logs the space and the plan."""
+    if not (isinstance(getattr(model, "blocks", None), nn.Sequential) and hasattr(model, "patch_embed")
+            and getattr(model, "dynamic_img_size", False)):
+        raise ConfigError(f"growth.schedule={cfg.growth.schedule} grows a timm VisionTransformer (blocks, patch "
+                          f"embedding, dynamic input size); model.name={cfg.model.name} is not one (e.g. use "
+                          "deit_tiny_patch16_224 or vit_small_patch16_224)")
+    growth = GrowthController(cfg.growth, model, final_size=cfg.model.img_size,
+                              patch_size=model.patch_embed.patch_size[0], epochs=cfg.curriculum.epochs,
+                              embed_dim=model.embed_dim, drop_path=cfg.model.drop_path or 0.0,
+                              seed=cfg.train.seed, log=log)
+    log(growth.describe())
+    log(f"growth plan: {growth.planned_compute():.1%} of the complete model's block FLOPs for the same epochs "
+        f"({growth.planned_speedup():.2f}x less{'; AutoProg stages count as the uniform schedule until chosen' if cfg.growth.schedule == 'autoprog' else ''})")
+    return growth
+
+
+def log_growth(growth: GrowthController, result: Dict, log) -> None:
+    """The chosen schedule, its planned saving and the measured one (the trainer's timing)."""
+    sp = result.get("speed") or {}
+    measured = sp.get("measured_speedup")
+    log(growth.describe())
+    log(f"growth: planned {sp.get('planned_speedup', growth.planned_speedup()):.2f}x less block compute than "
+        f"{sp.get('baseline_epochs', 0):g} epochs of the complete model; measured "
+        + (f"{measured:.2f}x less wall time (at this run's complete-model throughput)"
+           if measured else "not available (no complete-model stage ran)"))
 
 
 def check_num_classes(cfg: FinetuneConfig, classes: List[str]) -> None:

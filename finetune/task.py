@@ -3,7 +3,7 @@ supervised curriculum training share it)."""
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -79,6 +79,26 @@ class ClassificationTask:
         self.param_size: Optional[int] = None
         self.stage_size: Optional[int] = None     # the current stage's input size (eval.size=stage evaluates at it)
         self._random_init = cfg.mode == "train" and not cfg.model.checkpoint
+        self.growth = None                        # growth.schedule: the GrowthController (attach_growth)
+        self._subset: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def subset_loss(self, model: nn.Module, size: int) -> float:
+        """AutoProg's Eq. 8 loss: cross-entropy on the first ``growth.search_images`` training images
+        with the evaluation transform at the final size (fixed augmentation), shrunk to ``size`` as
+        training shrinks them."""
+        if self._subset is None:
+            n = min(self.cfg.growth.search_images, len(self.train_files))
+            ds = EvalDataset(self.train_files[:n], self.train_labels[:n],
+                             eval_transform(self.cfg.model.img_size, self.cfg.data.crop_pct))
+            xs, ys = zip(*(ds[i] for i in range(n)))
+            self._subset = (torch.stack(xs), torch.as_tensor(ys))
+        total, count = 0.0, 0
+        for x, y in zip(self._subset[0].split(64), self._subset[1].split(64)):
+            x = self.stage_transform(x.to(self.dist.device), size)
+            logits = model(x).float()
+            total += nn.functional.cross_entropy(logits, y.to(self.dist.device), reduction="sum").item()
+            count += y.numel()
+        return total / count
 
     @staticmethod
     def replay_sample_bytes(size: int) -> int:
@@ -146,6 +166,8 @@ class ClassificationTask:
         imgs, labels = batch[0].to(self.dist.device, non_blocking=True), batch[1].to(self.dist.device, non_blocking=True)
         x = self.normalize(imgs)
         if self.erasing is not None:
+            if self.growth is not None:           # AdaReg (1.0 without it)
+                self.erasing.probability = self.cfg.data.reprob * self.growth.reg_fraction
             x = self.erasing(x)
         return Prepared((self.stage_transform(x, info.size), labels))
 
@@ -162,11 +184,15 @@ class ClassificationTask:
         """top1; None while the parameters have a smaller stage's shapes (model.resize=official):
         such a model is evaluated at its stage size and its checkpoint does not load into the
         final-size model, so only final-shape evaluations compete for checkpoint-best.pth."""
+        if self.growth is not None and not self.growth.complete:
+            return None                           # a sub-network: its checkpoint is not the final model yet
         return None if self._eval_size() != self.cfg.model.img_size else "top1"
 
     def _eval_size(self) -> int:
         """The parameters' stage size (model.resize=official), else the stage size with
         eval.size=stage (as the official code validates every stage), else the final size."""
+        if self.growth is not None:
+            return self.growth.eval_subnet.size
         if self.param_size:
             return self.param_size
         if self.cfg.eval.size == "stage" and self.stage_size:
@@ -176,6 +202,8 @@ class ClassificationTask:
     def evaluate(self, model: nn.Module) -> Dict[str, float]:
         """Top-1 / top-5 / loss at :meth:`_eval_size` (resize to size / crop_pct, centre crop size):
         in smaller stages at the stage size, as the official code evaluates every stage."""
+        if self.growth is not None:
+            self.growth.activate_eval()
         size = self._eval_size()
         if size not in self._val_loaders:
             self._val_loaders = {self.cfg.model.img_size: self.val_loader, size: self._make_val_loader(size)}
@@ -193,4 +221,5 @@ class ClassificationTask:
                 "img_size": m.img_size, "global_pool": m.global_pool, "model_kwargs": dict(m.kwargs),
                 "param_size": self.param_size or m.img_size,   # the input size the parameters are shaped for (a stage's
                                                    # in a low-resolution stage with model.resize=official)
-                "linear_probe": self.cfg.mode == "linprobe"}
+                "linear_probe": self.cfg.mode == "linprobe",
+                **({"growth": self.growth.summary()} if self.growth is not None else {})}

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
 from engine.config import ConfigError, join_key
+from engine.progressive import GrowthConfig
 from engine.trainer import TrainConfig
 from evaluation.knn import KNNConfig
 
@@ -121,7 +122,10 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)   # pretraining images and how they are loaded
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)   # the EfficientTrain curriculum and the budget
     train: TrainConfig = field(default_factory=TrainConfig)   # optimisation, batch, checkpoints, logging, resume
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)   # kNN monitor of the encoder
+    growth: GrowthConfig = field(default_factory=GrowthConfig)   # AutoProg / Prog growth of the encoder (decoder fixed)
 
     def validate(self, where: str) -> None:
         self.train.check_budget(join_key(where, "train"), self.curriculum.epochs)   # evaluation during pretraining
+        self.growth.check_run(join_key(where, "growth"), curriculum=self.curriculum.name, lowfreq=self.data.lowfreq,
+                              ema_decay=self.train.ema_decay, compile=self.train.compile, epochs=self.curriculum.epochs)

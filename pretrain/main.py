@@ -13,6 +13,7 @@ from engine.checkpoint import atomic_save
 from engine.config import ConfigError, to_dict
 from engine.data import open_image_source
 from engine.flops import log_planned_savings, mae_builder
+from engine.progressive import GrowthController
 from engine.run import Run, RunOptions, cli_main
 from engine.trainer import CurriculumTrainer, check_plan_fits
 
@@ -84,13 +85,24 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
         r.check_plan(plan)
         baseline = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs
         model = create_mae(cfg.model.arch, **cfg.model.overrides())
+        growth = None
+        if cfg.growth.enabled:            # the encoder's depth and input size grow; the decoder stays
+            growth = GrowthController(cfg.growth, model, final_size=cfg.model.img_size, patch_size=cfg.model.patch,
+                                      epochs=cfg.curriculum.epochs, embed_dim=model.cls_token.shape[-1], seed=t.seed,
+                                      log=log)
+            cur = growth.curriculum(cur.stages[-1].magnitude)
+            plan = cur.plan(cfg.curriculum.epochs, len(source), t.batch_size, t.accum_steps)
+            r.check_plan(plan)
+            log(growth.describe())
+            log(f"growth plan: {growth.planned_compute():.1%} of the complete encoder's block FLOPs for the same "
+                f"epochs ({growth.planned_speedup():.2f}x less)")
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         log(f"MAE {cfg.model.arch} ({n_params:.1f}M params, target {cfg.model.target}), {source.describe()}, "
             f"curriculum {cur.name} ({cur.budget} budget {cfg.curriculum.epochs:g}, "
             f"{cur.speedup(cfg.curriculum.epochs, baseline):.2f}x less compute than {baseline:g} epochs at "
             f"{cur.final_size}), {dist.world_size} process(es) on {dist.device}")
         savings = (log_planned_savings(mae_builder(cfg.model), cur, cfg.curriculum.epochs, baseline, log,
-                                       f"MAE {cfg.model.arch}") if dist.is_main else None)   # pixels beside FLOPs
+                                       f"MAE {cfg.model.arch}") if dist.is_main and growth is None else None)
         log(curriculum_table(plan, cfg.model.patch, t.base_lr(), t.warmup_epochs, t.min_lr, dist.world_size))
         if r.opts.dry_run:
             log("dry run: the config, curriculum, data and checkpoints check out; nothing was trained or written")
@@ -98,6 +110,8 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
         from .task import MAETask
 
         task = MAETask(cfg, source, dist)
+        if growth is not None:
+            growth.attach(task, task.subset_loss)
         log(f"decode on {task.decode}")
         r.write_files(cur, plan, savings)
         trainer = CurriculumTrainer(t, model, task, plan, dist, r.dir, to_dict(cfg), len(source),
@@ -109,6 +123,12 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
             path = export_encoder(trainer.state_dict(), os.path.join(r.dir, "encoder.pth"))
             partial = "" if result["step"] == plan.total_steps else " (a partial run: train.max_steps)"
             log(f"encoder of step {result['step']}/{plan.total_steps} exported to {path}{partial}")
+        if growth is not None:
+            speed = result["speed"]
+            sp = speed.get("measured_speedup")
+            log(f"{growth.describe()}\ngrowth: planned {speed['planned_speedup']:.2f}x less encoder block compute "
+                f"than {speed['baseline_epochs']:g} epochs of the complete model; measured "
+                f"{f'{sp:.2f}x less wall time' if sp else 'not available (no complete-model stage ran)'}")
         if result["trained_steps"]:
             log(f"done: step {result['step']}/{plan.total_steps}, last loss {result['loss']:.4f}, "
                 f"{result['bad_samples']} unreadable image(s) skipped")

@@ -53,6 +53,25 @@ class MAETask:
                     if cfg.eval.knn.enabled else None)
         if self.knn is None:
             self.evaluate = None               # no monitor: the loop has nothing to evaluate
+        self.growth = None                     # growth.schedule: the GrowthController (it attaches itself)
+        self._subset = None
+
+    def subset_loss(self, model: MaskedAutoencoderViT, size: int) -> float:
+        """AutoProg's Eq. 8 loss: the MAE loss of the first ``growth.search_images`` readable images,
+        centre-cropped (fixed augmentation), shrunk to ``size`` as training shrinks them, with one fixed
+        mask draw (seeded) for every candidate."""
+        if self._subset is None:
+            self._subset = self._vis_images(self.cfg.growth.search_images)
+        total, count = 0.0, 0
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.train.seed + 4242)
+            for x in self._subset.split(64):
+                x = self.normalize(self.stage_transform(x.to(self.dist.device).float(), size))
+                loss, _, _ = model(x, mask_ratio=self.cfg.model.mask_ratio)
+                total += float(loss) * x.shape[0]
+                count += x.shape[0]
+        return total / count
 
     def _vis_images(self, num: int) -> torch.Tensor:
         """The first ``num`` readable images, centre-cropped: the fixed rows of every reconstruction grid."""
@@ -80,7 +99,8 @@ class MAETask:
             prefetch_factor=4 if d.num_workers > 0 else None)
 
     def on_stage_start(self, model: MaskedAutoencoderViT, ps: PlannedStage) -> None:
-        model.prepare_input_size(ps.stage.size)
+        # growth: sizes change per step; tables of sizes not prepared are built in the forward pass
+        model.prepare_input_size(self.growth.eval_subnet.size if self.growth is not None else ps.stage.size)
 
     def stage_transform(self, x: torch.Tensor, size: int) -> torch.Tensor:
         """Final-size batch -> stage-size batch (on the device; linear, so before or after normalising)."""
@@ -111,6 +131,8 @@ class MAETask:
         """kNN top-1 / top-5 of the encoder at the final size (no gradients; bf16 on a GPU)."""
         was_training = model.training
         model.eval()
+        if self.growth is not None:
+            self.growth.activate_eval()        # the sub-network being trained (a supernet: its largest)
         try:
             amp = torch.bfloat16 if self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
             return self.knn(lambda x: model.forward_features(x, self.cfg.eval.knn.feature), amp)
@@ -123,11 +145,14 @@ class MAETask:
         return {"decode_fallbacks": self.decoder.fallbacks, "decode_worker_images": self.decoder.worker_decoded}
 
     def on_stage_end(self, model: MaskedAutoencoderViT, ps: PlannedStage, run_dir: str) -> None:
+        size = ps.stage.size
+        if self.growth is not None:
+            size = self.growth.activate_eval().size
         x = self.vis.to(self.dist.device).float()
-        if self.cfg.data.lowfreq == "cpu-lanczos" and x.shape[-1] != ps.stage.size:
-            x = downsample(x, ps.stage.size, "bicubic")       # the pictures' stand-in for the workers' Lanczos
-        x = self.normalize(self.stage_transform(x, ps.stage.size))
-        path = os.path.join(run_dir, "reconstructions", f"stage{ps.index:02d}_size{ps.stage.size}.png")
+        if self.cfg.data.lowfreq == "cpu-lanczos" and x.shape[-1] != size:
+            x = downsample(x, size, "bicubic")       # the pictures' stand-in for the workers' Lanczos
+        x = self.normalize(self.stage_transform(x, size))
+        path = os.path.join(run_dir, "reconstructions", f"stage{ps.index:02d}_size{size}.png")
         reconstruction_grid(model, x, path, self.cfg.model.mask_ratio)
 
     def checkpoint_meta(self) -> Dict[str, Any]:
@@ -135,4 +160,5 @@ class MAETask:
         arch = {**ARCHS[m.arch], **m.overrides()}
         return {"kind": "mae_pretrain", "arch": m.arch, "model_kwargs": arch, "patch_size": m.patch,
                 "img_size": m.img_size, "target": m.target, "norm_pix_loss": m.target == "norm_pixel",
-                "mask_ratio": m.mask_ratio, "pos_embed_mode": m.pos_embed_mode}
+                "mask_ratio": m.mask_ratio, "pos_embed_mode": m.pos_embed_mode,
+                **({"growth": self.growth.summary()} if self.growth is not None else {})}

@@ -1,0 +1,208 @@
+"""Progressive growth in the training loop (engine/progressive.py): slot compaction, MoGrow at a
+stage start against the momentum network by hand, Prog / AutoProg runs of python -m finetune and
+python -m pretrain, exact resume across growth steps and inside a supernet phase, config errors."""
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from efficienttrain.growth import SubNet, sample_candidate
+from efficienttrain.growth_ops import compaction, permute_slots
+from engine.checkpoint import load_checkpoint
+from engine.config import ConfigError, load_config
+from engine.progressive import GrowthConfig, GrowthController
+from finetune.config import FinetuneConfig
+from finetune.main import run as run_finetune
+from pretrain.config import PretrainConfig
+from pretrain.demo_data import generate_demo_dataset
+from pretrain.main import run as run_pretrain
+
+VIT = dict(patch_size=4, embed_dim=32, depth=4, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(str(root), num_images=48, size=40, val_fraction=0.25)
+    return str(root)
+
+
+def scalar_blocks(values):
+    blocks = nn.Sequential(*(nn.Linear(1, 1, bias=False) for _ in values))
+    with torch.no_grad():
+        for b, v in zip(blocks, values):
+            b.weight.fill_(v)
+    return blocks
+
+
+def test_permute_slots_moves_weights_and_optimizer_state_not_modules():
+    blocks = scalar_blocks([1.0, 2.0, 3.0])
+    mom = scalar_blocks([10.0, 20.0, 30.0])
+    params = [b.weight for b in blocks]
+    opt = torch.optim.Adam(blocks.parameters(), lr=0.1)
+    blocks[0].weight.grad = torch.tensor([[1.0]])
+    blocks[2].weight.grad = torch.tensor([[-2.0]])
+    opt.step()                                   # state for slots 0 and 2 only
+    w = [b.weight.item() for b in blocks]
+    st0, st2 = (opt.state[params[i]]["exp_avg"].clone() for i in (0, 2))
+    assert compaction((2, 0), 3) == (2, 0, 1)
+    permute_slots(blocks, (2, 0, 1), opt, [mom])
+    assert [b.weight.item() for b in blocks] == [w[2], w[0], w[1]]
+    assert [b.weight.item() for b in mom] == [30.0, 10.0, 20.0]
+    assert [b.weight for b in blocks] == params                      # same parameter objects, same slots
+    assert torch.equal(opt.state[params[0]]["exp_avg"], st2) and torch.equal(opt.state[params[1]]["exp_avg"], st0)
+    assert params[2] not in opt.state
+    with pytest.raises(Exception, match="each of 0..2 once"):
+        permute_slots(blocks, (0, 0, 1))
+
+
+def tiny_vit(drop_path=0.0):
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", img_size=32, num_classes=3, dynamic_img_size=True,
+                             drop_path_rate=drop_path, **VIT)
+
+
+def test_mogrow_stage_start_takes_the_interpolated_momentum_network_by_hand():
+    model = tiny_vit(drop_path=0.1)
+    ctl = GrowthController(GrowthConfig(schedule="prog"), model, final_size=32, patch_size=4, epochs=8,
+                           embed_dim=32, drop_path=0.1, log=lambda m: None)
+    assert ctl.space.sizes == (16, 20, 28, 32) and ctl.space.depths == (2, 3, 3, 4)
+    plan = ctl.curriculum(9.0).plan(8, 8, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctl.prepare_stage(model, plan.stages[0], opt)
+    assert model.blocks.active == (0, 1)
+    info = ctl.before_step(model, plan.at(0))
+    assert info.size == 16
+    for _ in range(3):
+        model(torch.randn(2, 3, 16, 16)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        ctl.after_step(model)
+    assert not any(p in opt.state for p in model.blocks[2].parameters())      # inactive: never updated
+    mom = {k: v.clone() for k, v in ctl.momentum.module.state_dict().items()}
+    assert not torch.equal(mom["blocks.1.attn.qkv.weight"], model.blocks[1].attn.qkv.weight)
+    kept_state = opt.state[model.blocks[1].attn.qkv.weight]["exp_avg"].clone()
+    ctl.prepare_stage(model, plan.stages[1], opt)
+    # 2 -> 3 blocks: Interpolation inserts a copy of the last block after it (A B B'), from the momentum network
+    assert model.blocks.active == (0, 1, 2)
+    sd = model.state_dict()
+    for slot, src in ((0, 0), (1, 1), (2, 1)):
+        for name in ("attn.qkv.weight", "mlp.fc2.bias", "norm1.weight"):
+            assert torch.equal(sd[f"blocks.{slot}.{name}"], mom[f"blocks.{src}.{name}"]), (slot, name)
+    for name in ("patch_embed.proj.weight", "pos_embed", "head.weight", "norm.weight"):   # Eq. 4: all of it
+        assert torch.equal(sd[name], mom[name])
+    assert torch.equal(opt.state[model.blocks[1].attn.qkv.weight]["exp_avg"], kept_state)
+    assert not any(p in opt.state for p in model.blocks[2].parameters())       # the new block starts fresh
+    assert [model.blocks[i].drop_path1.drop_prob for i in (1, 2)] == pytest.approx([0.05, 0.1])   # 3-deep spread
+    assert ctl.before_step(model, plan.at(plan.stages[1].start_step)).size == 20
+
+
+def ft(data, out, *extra):
+    return load_config(FinetuneConfig, None, [
+        f"data.path={data}", "data.num_workers=0", "mode=train", "model.name=vit_base_patch16_224",
+        "model.num_classes=4", "model.img_size=32", "model.kwargs={patch_size: 4, embed_dim: 32, depth: 4, num_heads: 2}",
+        "model.resize=forward", "model.layer_decay=1.0", "model.drop_path=0.1", "curriculum.epochs=8",
+        "train.batch_size=8", "train.warmup_epochs=1", "train.progress=false", "train.log_every=1",
+        f"train.output_dir={out}", "growth.search_epochs=1", "growth.search_images=12", "data.mixup=0",
+        "data.cutmix=0", *extra])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def loads_into_timm(path, depth=4):
+    vit = timm.create_model("vit_base_patch16_224", img_size=32, num_classes=4, global_pool="avg",
+                            **{**VIT, "depth": depth})
+    vit.load_state_dict(load_checkpoint(str(path))["model"], strict=True)
+
+
+def test_prog_run_grows_size_and_depth_and_ends_with_the_timm_model(data, tmp_path):
+    out = tmp_path / "prog"
+    res = run_finetune(ft(data, out, "growth.schedule=prog"))
+    assert res["step"] == res["total_steps"]
+    steps = [r["steps"] for r in json.loads((out / "plan.json").read_text())["rows"]]
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["size"] for r in rows] == sum(([s] * n for s, n in zip((16, 20, 28, 32), steps)), [])
+    # the planned saving is the block-FLOPs one: sum over stages of depth * (12 N D^2 + 2 N^2 D), by hand
+    cost = {s: d * (12 * (s / 4) ** 2 * 32 ** 2 + 2 * (s / 4) ** 4 * 32) for s, d in ((16, 2), (20, 3), (28, 3), (32, 4))}
+    assert res["speed"]["planned_speedup"] == pytest.approx(4 * cost[32] / sum(cost.values()))
+    ck = load_checkpoint(str(out / "checkpoints" / "checkpoint-latest.pth"))
+    assert ck["task"]["current"] == [32, 4] and ck["meta"]["growth"]["subnets"] == [[16, 2], [20, 3], [28, 3], [32, 4]]
+    loads_into_timm(out / "checkpoints" / "checkpoint-latest.pth")
+    loads_into_timm(out / "checkpoints" / "checkpoint-best.pth")     # only the complete model competes
+
+
+def test_autoprog_decides_logs_and_resumes_exactly_across_growth_and_inside_a_supernet(data, tmp_path):
+    full = tmp_path / "full"
+    res = run_finetune(ft(data, full, "growth.schedule=autoprog"))
+    ck = load_checkpoint(str(full / "checkpoints" / "checkpoint-latest.pth"))
+    auto = ck["task"]["autoprog"]
+    assert len(auto["decisions"]) == 2 and len(ck["task"]["selections"]) == 2
+    sel = ck["task"]["selections"][0]
+    best = min(sel["candidates"], key=lambda c: (c["score"], c["cost"]))
+    assert [best["size"], best["depth"]] == sel["choice"]
+    loads_into_timm(full / "checkpoints" / "checkpoint-latest.pth")
+    # the supernet phase (plan stage 1): each step trains the seeded sample's size
+    plan = json.loads((full / "plan.json").read_text())["rows"]
+    sup = range(plan[1]["start_step"], plan[1]["end_step"])
+    rows = {r["step"]: r for r in metrics(full) if "loss" in r}
+    cands = [SubNet(c["size"], c["depth"]) for c in sel["candidates"]]
+    assert len(set(rows[s + 1]["size"] for s in sup)) > 1
+    assert [rows[s + 1]["size"] for s in sup] == [sample_candidate(cands, s, 0).size for s in sup]
+    # stop inside the first supernet phase, then one step after its choice, then finish
+    part = tmp_path / "part"
+    for stop in (plan[1]["start_step"] + 1, plan[2]["start_step"] + 1):
+        run_finetune(ft(data, part, "growth.schedule=autoprog", f"train.max_steps={stop}"))
+    res2 = run_finetune(ft(data, part, "growth.schedule=autoprog"))
+    assert res2["step"] == res["step"]
+    a = load_checkpoint(str(full / "checkpoints" / "checkpoint-latest.pth"))
+    b = load_checkpoint(str(part / "checkpoints" / "checkpoint-latest.pth"))
+    assert b["task"]["autoprog"] == a["task"]["autoprog"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, v in a["task"]["momentum"].items():
+        assert torch.equal(v, b["task"]["momentum"][k]), k
+
+
+def test_mae_pretraining_grows_the_encoder_and_exports_a_full_encoder(data, tmp_path):
+    out = tmp_path / "mae"
+    cfg = load_config(PretrainConfig, None, [
+        f"data.path={data}/train", "data.num_workers=0", "model.arch=mae_vit_tiny_patch16", "model.img_size=32",
+        "model.patch_size=4", "model.depth=4", "model.embed_dim=32", "model.num_heads=2", "model.decoder_embed_dim=16",
+        "model.decoder_depth=1", "model.decoder_num_heads=2", "curriculum.name=baseline", "curriculum.epochs=4",
+        "train.batch_size=12", "train.warmup_epochs=1", "train.progress=false", "train.log_every=1",
+        f"train.output_dir={out}", "growth.schedule=prog"])
+    res = run_pretrain(cfg)
+    assert res["step"] == res["total_steps"]
+    sizes = sorted({r["size"] for r in metrics(out) if "loss" in r})
+    assert sizes == [16, 20, 28, 32]
+    enc = load_checkpoint(str(out / "encoder.pth"))["model"]
+    assert sorted({int(k.split(".")[1]) for k in enc if k.startswith("blocks.")}) == [0, 1, 2, 3]
+    ck = load_checkpoint(str(out / "checkpoints" / "checkpoint-latest.pth"))
+    assert ck["task"]["current"] == [32, 4] and ck["meta"]["growth"]["schedule"] == "prog"
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["curriculum.name=etpp"], "curriculum.name must be baseline"),
+    (["data.lowfreq=cpu-lanczos"], "cpu-lanczos"),
+    (["train.ema_decay=0.99"], "ema_decay"),
+    (["model.resize=official"], "model.resize=forward"),
+    (["model.layer_decay=0.75"], "layer_decay=1.0"),
+    (["growth.search_epochs=2"], "shorter than a growth stage"),
+    (["growth.operator=stacking"], "interpolation"),
+    (["growth.omega=1.5"], r"growth.omega must be in \(0, 1\]"),
+    (["mode=finetune", "model.checkpoint=x.pth"], "mode=train"),
+])
+def test_growth_config_errors(data, tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        ft(data, tmp_path / "x", "growth.schedule=autoprog", *extra)
+
+
+def test_growth_refuses_models_it_cannot_grow(data, tmp_path):
+    with pytest.raises(ConfigError, match="timm VisionTransformer"):
+        run_finetune(ft(data, tmp_path / "r", "growth.schedule=prog", "model.name=resnet18", "model.kwargs={}"))
+    with pytest.raises(ConfigError, match="LayerScale"):
+        run_finetune(ft(data, tmp_path / "i", "growth.schedule=prog", "growth.operator=identity"))
