@@ -110,4 +110,7 @@ class SimpleFeaturePyramid(BaseModule):
                 outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
             else:
                 outs.append(self.extra_convs[i](outs[-1] if i == 0 else F.relu(outs[-1])))
-        return tuple(outs)
+        # timm's LayerNorm2d returns a permuted (channels-last) view, and mmcv's RoIAlign reads its input
+        # as contiguous NCHW without checking the strides: every RoI feature of a two-stage head would be
+        # read from the wrong places (measured on the CPU op: differences of the order of the features)
+        return tuple(o.contiguous() for o in outs)

@@ -551,6 +551,7 @@ def test_full_configs(name, arch, layer_decay, detector, recipe):
         assert cfg.train_dataloader.batch_size * 16 == cfg.auto_scale_lr.base_batch_size == 64
     if detector == "CascadeRCNN":   # ViTDet's heads
         assert cfg.model.rpn_head.num_convs == 2
+        assert cfg.model.train_cfg.rpn.allowed_border == -1       # detectron2's RPN boundary_threshold: no anchor dropped
         for head in cfg.model.roi_head.bbox_head:
             assert head.type == "Shared4Conv1FCBBoxHead" and head.norm_cfg == dict(type="LN2d", eps=1e-6)
             assert head.loss_bbox.type == "L1Loss"
@@ -590,7 +591,7 @@ def test_runner_reapplies_user_settings_from_the_config_file(tmp_path):
     assert rebind_from_file(cfg) == []                                    # nothing left to follow
     check_model_config(cfg)
     cfg.model.data_preprocessor.square_size = 256
-    with pytest.raises(ConfigError, match=r"model.backbone.img_size=128 but model.data_preprocessor.square_size=256"):
+    with pytest.raises(ConfigError, match=r"model.backbone.img_size=64 but model.data_preprocessor.square_size=256"):
         check_model_config(cfg)
 
 
@@ -712,6 +713,57 @@ def test_demo_coco_set_is_deterministic_and_coco_like(demo_coco, tmp_path):
         assert sorted(c["id"] for c in coco.dataset["categories"]) == [1, 3, 5]
 
 
+def test_demo_coco_annotations_are_the_drawn_shapes(demo_coco):
+    """Boxes and masks must be exactly where the shapes are, else the demo's AP means nothing: each
+    polygon mask (decoded by pycocotools) covers pixels far from the background colour, the pixels
+    outside every mask are background, and each box is its mask's extent."""
+    from PIL import Image
+    from pycocotools.coco import COCO
+    coco = COCO(str(Path(demo_coco, "annotations", "instances_val2017.json")))
+    checked = 0
+    for im in coco.dataset["images"][:16]:
+        arr = np.asarray(Image.open(Path(demo_coco, "val2017", im["file_name"])), np.float32)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[im["id"]]))
+        if arr.ndim != 3 or not anns:
+            continue
+        masks = [coco.annToMask(a).astype(bool) for a in anns]
+        near = np.zeros(arr.shape[:2], bool)      # every mask grown by one pixel (JPEG blurs the edges)
+        for m in masks:
+            for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+                near |= np.roll(m, (dy, dx), axis=(0, 1))
+        bg = np.median(arr[~near], axis=0)
+        assert np.mean(np.abs(arr[~near] - bg).max(-1) < 48) > 0.97      # outside the masks: background
+        for a, m in zip(anns, masks):
+            inner = m & np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)
+            if a["iscrowd"] or not inner.any():
+                continue
+            assert np.mean(np.abs(arr[inner] - bg).max(-1) > 64) > 0.97   # inside: the shape's colour
+            ys, xs = np.nonzero(m)
+            assert np.allclose(a["bbox"], [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1],
+                               atol=1.0)
+            checked += 1
+    assert checked >= 10
+
+
+def test_prediction_picture_draws_boxes_masks_and_labels_where_the_predictions_are(tmp_path):
+    from PIL import Image
+    from detection.visualize import PALETTE, draw_predictions
+    Image.new("RGB", (20, 20), (0, 0, 0)).save(tmp_path / "a.png")
+    mask = np.zeros((20, 20), bool)
+    mask[12:16, 10:14] = True
+    sample = {"img_path": str(tmp_path / "a.png"), "bboxes": np.array([[10.0, 12.0, 14.0, 16.0], [0, 0, 5, 5]]),
+              "labels": np.array([1, 0]), "scores": np.array([0.9, 0.1]), "masks": np.stack([mask, mask])}
+    path = draw_predictions([sample], ("square", "disc"), str(tmp_path / "p.png"), score_thr=0.3, scale=2)
+    arr = np.asarray(Image.open(path))[4:-4, 4:-4]                # the tile inside a 4-pixel white frame
+    assert arr.shape[:2] == (40, 40)
+    assert tuple(arr[26, 24]) == tuple(c // 2 for c in PALETTE[1])   # inside the mask: half-tinted in the class colour
+    assert tuple(arr[32, 24]) == PALETTE[1]                        # the box's bottom edge (y = 16 x 2)
+    assert tuple(arr[36, 4]) == (0, 0, 0) and tuple(arr[4, 4]) == (0, 0, 0)   # the 0.1-score one is not drawn
+    assert arr[12:24, 20:40].any()                                 # its label above the box
+    with pytest.raises(ValueError, match="no predictions"):
+        draw_predictions([], ("a",), str(tmp_path / "q.png"))
+
+
 def test_data_path_and_coco_metric_score_ground_truth_as_perfect(demo_coco):
     """The demo config's dataset (grayscale JPEGs, crowd RLE masks, images without objects) through
     mmdet's loading and CocoMetric: ground truth given back as predictions scores AP 1.0 for boxes
@@ -757,7 +809,9 @@ def _opts(demo_coco, pretrained, **extra):
     opts = [f"data_root={demo_coco}", f"pretrained={pretrained}", "default_hooks.logger.interval=1",
             f"visualizer.name=vis{next(_RUN_IDS)}",
             "train_dataloader.dataset.indices=8", "val_dataloader.dataset.indices=6",
-            "test_dataloader.dataset.indices=6", "log_level=WARNING"]
+            "test_dataloader.dataset.indices=6", "log_level=WARNING",
+            # the demo configs' batch of 8 would make these 8 images a single step
+            "train_dataloader.batch_size=2", "val_dataloader.batch_size=2", "test_dataloader.batch_size=2"]
     return opts + [f"{k}={v}" for k, v in extra.items()]
 
 
@@ -828,6 +882,9 @@ def test_cascade_mask_rcnn_demo_trains_and_det_test_reproduces_its_metrics(demo_
                                     "--cfg-options", *_opts(demo_coco, "/nonexistent/unused.pth")]))
     assert {k: v for k, v in res["metrics"].items() if k.startswith("coco/")} == \
         {k: v for k, v in m.items() if k.startswith("coco/")}
+    from PIL import Image
+    assert res["picture"] == str(tmp_path / "test" / "predictions.png")
+    assert Image.open(res["picture"]).width == 4 * (4 * 64 + 4) + 4        # 4 columns of 4x enlarged images
     # a file the runner itself cannot use (as mmdet's own tools load_from / resume): CheckpointError at the source
     runner = res["runner"]
     (tmp_path / "junk.pth").write_text("not a checkpoint")
@@ -946,7 +1003,7 @@ def test_command_lines_report_user_errors_without_traceback(bad_files, tmp_path)
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and r.stderr.startswith("error: ")
-    assert (f"pretrained '{vit_s}' does not fit the backbone PlainViT(img_size=128, pretrain_img_size=48, "
+    assert (f"pretrained '{vit_s}' does not fit the backbone PlainViT(img_size=64, pretrain_img_size=48, "
             "patch_size=4, embed_dim=192") in r.stderr
     for line in ("0 of the file's 152 tensors fit the backbone", "ERROR keys the backbone does not have: 96",
                  "ERROR shape mismatch patch_embed.proj.weight: file [384, 3, 16, 16] vs backbone [192, 3, 4, 4]",
@@ -1015,7 +1072,7 @@ def test_memory_estimate_counts_parameters_and_optimizer_state():
     from detection.memory_estimate import GIB, estimate
     from mmdet.registry import MODELS
     cfg = CONFIGS / "cascade-mask-rcnn_vit-tiny-mae_sfp_demo.py"
-    res = estimate(str(cfg), batch=1, height=96, width=128, objects=3)
+    res = estimate(str(cfg), batch=1, height=48, width=64, objects=3)
     model_cfg = Config.fromfile(str(cfg)).model
     model_cfg.backbone.init_cfg = None
     n = sum(p.numel() for p in MODELS.build(model_cfg).parameters())

@@ -257,3 +257,27 @@ def test_table_sizes_follow_the_two_sizes():
     sizes = [tuple(b.attn.rel_pos_h.shape) for b in vit.blocks]
     assert sizes == [(27, 16), (127, 16), (27, 16), (127, 16)]
     assert tuple(vit.pos_embed.shape) == (1, 14 * 14, DIM)
+
+
+def test_pyramid_maps_are_contiguous_so_mmcv_roi_align_reads_them_right():
+    """mmcv's RoIAlign reads its input as contiguous NCHW whatever its strides; timm's LayerNorm2d
+    (the pyramid's last layer) returns a channels-last view. The pyramid hands out contiguous maps,
+    and RoIAlign on them equals torchvision's stride-aware roi_align."""
+    from mmcv.ops import RoIAlign
+    from torchvision.ops import roi_align
+
+    torch.manual_seed(0)
+    sfp = SimpleFeaturePyramid(in_channels=16, out_channels=8, backbone_stride=4, strides=(4, 8), extra_levels=1).eval()
+    with torch.no_grad():
+        outs = sfp([torch.randn(2, 16, 12, 12)])
+    rois = torch.tensor([[0, 1.0, 2.0, 9.5, 7.0], [1, 0.0, 0.0, 12.0, 12.0]])
+    for o, stride in zip(outs, (4, 8, 16)):
+        assert o.is_contiguous()
+        ours = RoIAlign((3, 3), spatial_scale=1.0 / stride, sampling_ratio=2, aligned=True)(o, rois * 4)
+        ref = roi_align(o, rois * 4, (3, 3), 1.0 / stride, 2, True)
+        assert torch.allclose(ours, ref, atol=1e-5)
+    # the trap itself: the same values as a channels-last view give other RoI features
+    view = outs[0].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert torch.equal(view, outs[0]) and not view.is_contiguous()
+    bad = RoIAlign((3, 3), spatial_scale=0.25, sampling_ratio=2, aligned=True)(view, rois * 4)
+    assert not torch.allclose(bad, roi_align(outs[0], rois * 4, (3, 3), 0.25, 2, True), atol=1e-3)

@@ -26,6 +26,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")   # mme
 from detection.cli import (MetricsCapture, add_common_args, build_runner, check_detector_checkpoint,  # noqa: E402
                            coco_table, ensure_demo_data, load_config)
 from detection.runner import DetRunner  # noqa: E402
+from detection.visualize import PredictionCollector, draw_predictions  # noqa: E402
 from engine.errors import run_cli  # noqa: E402
 from make_demo_coco import generate as generate_demo_coco  # noqa: E402
 
@@ -36,6 +37,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", help="config file the detector was trained with")
     ap.add_argument("checkpoint", help="checkpoint from tools/det_train.py (e.g. WORK_DIR/epoch_12.pth)")
+    ap.add_argument("--picture", type=int, default=8, metavar="N",
+                    help="draw the predictions (score >= 0.3) on the first N test images into "
+                         "WORK_DIR/predictions.png (default 8; 0: no picture)")
     add_common_args(ap)
     return ap.parse_args(argv)
 
@@ -51,8 +55,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         runner.checkpoint_label = CKPT_LABEL
     capture = MetricsCapture()
     runner.register_hook(capture, priority="LOWEST")
+    collector = PredictionCollector(args.picture)
+    if args.picture > 0:
+        runner.register_hook(collector, priority="LOWEST")
     metrics = runner.test()
-    return {"runner": runner, "metrics": dict(metrics or capture.metrics)}
+    picture = None
+    if args.picture > 0 and runner.rank == 0 and collector.samples:
+        classes = runner.test_dataloader.dataset.metainfo["classes"]
+        picture = draw_predictions(collector.samples, classes, os.path.join(cfg.work_dir, "predictions.png"))
+    return {"runner": runner, "metrics": dict(metrics or capture.metrics), "picture": picture}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -65,6 +76,8 @@ def _test(args: argparse.Namespace) -> int:
     result = run(args)
     if result["runner"].rank == 0:
         print(f"\nCOCO AP (%) of {args.checkpoint}:\n{coco_table(result['metrics'])}")
+        if result["picture"]:
+            print(f"predictions on the first {args.picture} test images: {result['picture']}")
     return 0
 
 

@@ -72,7 +72,8 @@ model = dict(
                  loss_bbox=dict(type='L1Loss', loss_weight=1.0))
             for stds in cascade_stds],
         mask_head=dict(norm_cfg=norm_cfg)),                  # 4 convs with LayerNorm + deconv
-    train_cfg=dict(rpn_proposal=dict(max_per_img=1000)))     # detectron2: 1000 proposals after NMS
+    train_cfg=dict(rpn=dict(allowed_border=-1),                # detectron2 trains every anchor (boundary_threshold -1)
+                   rpn_proposal=dict(max_per_img=1000)))     # detectron2: 1000 proposals after NMS
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),
