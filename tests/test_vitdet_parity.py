@@ -270,14 +270,14 @@ def test_pyramid_maps_are_contiguous_so_mmcv_roi_align_reads_them_right():
     sfp = SimpleFeaturePyramid(in_channels=16, out_channels=8, backbone_stride=4, strides=(4, 8), extra_levels=1).eval()
     with torch.no_grad():
         outs = sfp([torch.randn(2, 16, 12, 12)])
-    rois = torch.tensor([[0, 1.0, 2.0, 9.5, 7.0], [1, 0.0, 0.0, 12.0, 12.0]])
+    rois = torch.tensor([[0, 4.0, 8.0, 38.0, 28.0], [1, 0.0, 0.0, 48.0, 48.0]])   # (image, x0, y0, x1, y1) in pixels
     for o, stride in zip(outs, (4, 8, 16)):
         assert o.is_contiguous()
-        ours = RoIAlign((3, 3), spatial_scale=1.0 / stride, sampling_ratio=2, aligned=True)(o, rois * 4)
-        ref = roi_align(o, rois * 4, (3, 3), 1.0 / stride, 2, True)
+        ours = RoIAlign((3, 3), spatial_scale=1.0 / stride, sampling_ratio=2, aligned=True)(o, rois)
+        ref = roi_align(o, rois, (3, 3), 1.0 / stride, 2, True)
         assert torch.allclose(ours, ref, atol=1e-5)
     # the trap itself: the same values as a channels-last view give other RoI features
     view = outs[0].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     assert torch.equal(view, outs[0]) and not view.is_contiguous()
-    bad = RoIAlign((3, 3), spatial_scale=0.25, sampling_ratio=2, aligned=True)(view, rois * 4)
-    assert not torch.allclose(bad, roi_align(outs[0], rois * 4, (3, 3), 0.25, 2, True), atol=1e-3)
+    bad = RoIAlign((3, 3), spatial_scale=0.25, sampling_ratio=2, aligned=True)(view, rois)
+    assert not torch.allclose(bad, roi_align(outs[0], rois, (3, 3), 0.25, 2, True), atol=1e-3)
