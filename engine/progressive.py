@@ -224,6 +224,21 @@ class GrowthController:
     def planned_speedup(self) -> float:
         return 1.0 / self.planned_compute()
 
+    def plan_line(self, model: str = "model") -> str:
+        """The planned block-FLOPs saving, for the run log before training."""
+        note = "; AutoProg stages count as the uniform schedule until chosen" if self.auto is not None else ""
+        return (f"growth plan: {self.planned_compute():.1%} of the complete {model}'s block FLOPs for the same "
+                f"epochs ({self.planned_speedup():.2f}x less{note})")
+
+    def result_lines(self, speed: Dict[str, Any], model: str = "model") -> str:
+        """The chosen schedule, its planned saving and the measured one (``speed``: the trainer's
+        speed summary), for the run log after training."""
+        measured = speed.get("measured_speedup")
+        return (f"{self.describe()}\ngrowth: planned {speed.get('planned_speedup', self.planned_speedup()):.2f}x less "
+                f"block compute than {speed.get('baseline_epochs', 0):g} epochs of the complete {model}; measured "
+                + (f"{measured:.2f}x less wall time (at this run's complete-{model} throughput)"
+                   if measured else "not available (no complete-model stage ran)"))
+
     def attach(self, task: Any, subset_loss: Optional[SubsetLoss] = None) -> None:
         """Give ``task`` the trainer's optional growth hooks (engine.trainer.Task), all delegating
         here; ``subset_loss`` is the task's Eq. 8 loss (AutoProg)."""

@@ -152,7 +152,7 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
             f"top-5 {ev.get('top5', float('nan')):.2f}% (best top-1 {result['best'] or float('nan'):.2f}%, "
             f"chance {100.0 / len(classes):.1f}%)")
         if growth is not None:
-            log_growth(growth, result, log)
+            log(growth.result_lines(result.get("speed") or {}))
         if result.get("best_ema") is not None:
             log(f"EMA of weights: best top-1 {result['best_ema']:.2f}% (checkpoints/checkpoint-best-ema.pth)")
         log(f"run directory: {r.dir}")
@@ -171,20 +171,8 @@ def make_growth(cfg: FinetuneConfig, model: nn.Module, cur, log) -> GrowthContro
                               embed_dim=model.embed_dim, drop_path=cfg.model.drop_path or 0.0,
                               seed=cfg.train.seed, log=log)
     log(growth.describe())
-    log(f"growth plan: {growth.planned_compute():.1%} of the complete model's block FLOPs for the same epochs "
-        f"({growth.planned_speedup():.2f}x less{'; AutoProg stages count as the uniform schedule until chosen' if cfg.growth.schedule == 'autoprog' else ''})")
+    log(growth.plan_line())
     return growth
-
-
-def log_growth(growth: GrowthController, result: Dict, log) -> None:
-    """The chosen schedule, its planned saving and the measured one (the trainer's timing)."""
-    sp = result.get("speed") or {}
-    measured = sp.get("measured_speedup")
-    log(growth.describe())
-    log(f"growth: planned {sp.get('planned_speedup', growth.planned_speedup()):.2f}x less block compute than "
-        f"{sp.get('baseline_epochs', 0):g} epochs of the complete model; measured "
-        + (f"{measured:.2f}x less wall time (at this run's complete-model throughput)"
-           if measured else "not available (no complete-model stage ran)"))
 
 
 def check_num_classes(cfg: FinetuneConfig, classes: List[str]) -> None:

@@ -79,7 +79,7 @@ class ClassificationTask:
         self.param_size: Optional[int] = None
         self.stage_size: Optional[int] = None     # the current stage's input size (eval.size=stage evaluates at it)
         self._random_init = cfg.mode == "train" and not cfg.model.checkpoint
-        self.growth = None                        # growth.schedule: the GrowthController (attach_growth)
+        self.growth = None                        # growth.schedule: the GrowthController (it attaches itself)
         self._subset: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def subset_loss(self, model: nn.Module, size: int) -> float:

@@ -94,8 +94,7 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
             plan = cur.plan(cfg.curriculum.epochs, len(source), t.batch_size, t.accum_steps)
             r.check_plan(plan)
             log(growth.describe())
-            log(f"growth plan: {growth.planned_compute():.1%} of the complete encoder's block FLOPs for the same "
-                f"epochs ({growth.planned_speedup():.2f}x less)")
+            log(growth.plan_line("encoder"))
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         log(f"MAE {cfg.model.arch} ({n_params:.1f}M params, target {cfg.model.target}), {source.describe()}, "
             f"curriculum {cur.name} ({cur.budget} budget {cfg.curriculum.epochs:g}, "
@@ -124,11 +123,7 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
             partial = "" if result["step"] == plan.total_steps else " (a partial run: train.max_steps)"
             log(f"encoder of step {result['step']}/{plan.total_steps} exported to {path}{partial}")
         if growth is not None:
-            speed = result["speed"]
-            sp = speed.get("measured_speedup")
-            log(f"{growth.describe()}\ngrowth: planned {speed['planned_speedup']:.2f}x less encoder block compute "
-                f"than {speed['baseline_epochs']:g} epochs of the complete model; measured "
-                f"{f'{sp:.2f}x less wall time' if sp else 'not available (no complete-model stage ran)'}")
+            log(growth.result_lines(result["speed"], "encoder"))
         if result["trained_steps"]:
             log(f"done: step {result['step']}/{plan.total_steps}, last loss {result['loss']:.4f}, "
                 f"{result['bad_samples']} unreadable image(s) skipped")
