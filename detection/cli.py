@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mmengine.config import Config, DictAction
 from mmengine.hooks import Hook
@@ -15,6 +15,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from engine.config import ConfigError
+from engine.data import DataError
 
 from .checkpoint_io import KeyReport, check_backbone_checkpoint
 from .runner import DetRunner, read_detector_checkpoint
@@ -111,16 +112,99 @@ def build_runner(cfg: Config) -> Runner:
     return DetRunner.from_cfg(cfg)
 
 
-def ensure_demo_data(cfg: Config, generate: Callable[[str], str]) -> Optional[str]:
-    """Generate the synthetic demo set at ``cfg.data_root`` when a demo config (``demo_coco =
-    True``) finds it missing; ``generate(path)`` is tools/make_demo_coco.generate."""
+def demo_data_status(cfg: Config, status: Callable[..., str]) -> Optional[str]:
+    """What the demo generator would do with ``cfg.data_root`` (``"ready"``, ``"missing"``,
+    ``"regenerate"``), without writing; None for a config without ``demo_coco = True`` (real data:
+    never generated). A path the generator may not write (a user's folder) raises
+    :class:`engine.data.DataError` naming it, in a dry run as in the real run, before anything is
+    built. ``status(path, key=...)`` is tools/make_demo_coco.status."""
     if not cfg.get("demo_coco"):
         return None
-    root = cfg.data_root
-    if not os.path.isfile(os.path.join(root, "annotations", "instances_val2017.json")):
-        print(f"generating the demo COCO set in {root} ...")
-        generate(root)
-    return root
+    return status(cfg.data_root, key="data_root")
+
+
+def ensure_demo_data(cfg: Config, generate: Callable[..., str]) -> Optional[str]:
+    """Generate the synthetic demo set at ``cfg.data_root`` when a demo config (``demo_coco =
+    True``) finds it missing or of an older version (only where nothing exists or into a set the
+    generator made: a user's folder is refused); ``generate(path, key=...)`` is
+    tools/make_demo_coco.generate, which says where it writes before writing."""
+    if not cfg.get("demo_coco"):
+        return None
+    return generate(cfg.data_root, key="data_root")
+
+
+def _datasets(ds: Any) -> List[Mapping]:
+    """The leaf dataset configs of a dataloader's ``dataset`` (wrappers such as RepeatDataset,
+    ClassBalancedDataset or ConcatDataset unwrapped)."""
+    if not isinstance(ds, Mapping):
+        return []
+    if isinstance(ds.get("datasets"), (list, tuple)):
+        return [leaf for d in ds["datasets"] for leaf in _datasets(d)]
+    if isinstance(ds.get("dataset"), Mapping):
+        return _datasets(ds["dataset"])
+    return [ds]
+
+
+def _local(path: str) -> bool:
+    return "://" not in path          # a URL (s3://, http://) is the file backend's to check
+
+
+def check_data_files(cfg: Config, loaders: Sequence[str]) -> List[str]:
+    """Check the annotation files and image folders that the dataloaders ``loaders`` (e.g.
+    ``train_dataloader``) and their evaluators name, as mmengine joins them with ``data_root``,
+    before anything is built; raises :class:`engine.data.DataError` naming the first missing one
+    and the key it came from. Returns one line per dataloader saying what it reads."""
+    lines = []
+    for loader in loaders:
+        dl = cfg.get(loader)
+        if not isinstance(dl, Mapping):
+            continue
+        for ds in _datasets(dl.get("dataset")):
+            root = ds.get("data_root") or ""
+            found = []
+            ann = ds.get("ann_file")
+            if ann:
+                path = ann if os.path.isabs(ann) or not root else os.path.join(root, ann)
+                if _local(path) and not os.path.isfile(path):
+                    raise DataError(f"{loader}.dataset.ann_file {path!r} does not exist (data_root {root!r}); "
+                                    "expected a COCO-format annotation file, e.g. "
+                                    "DATA_ROOT/annotations/instances_train2017.json: check data_root "
+                                    "(--cfg-options data_root=/path/to/coco/)")
+                found.append(f"annotations {path}")
+            prefix = ds.get("data_prefix") or {}
+            img = prefix.get("img", prefix.get("img_path")) if isinstance(prefix, Mapping) else None
+            if img is not None:
+                path = img if os.path.isabs(img) or not root else os.path.join(root, img)
+                if _local(path) and not os.path.isdir(path):
+                    raise DataError(f"{loader}.dataset.data_prefix.img {path!r} is not a folder (data_root "
+                                    f"{root!r}); expected the folder of the images the annotations name, e.g. "
+                                    "DATA_ROOT/train2017/: check data_root (--cfg-options data_root=/path/to/coco/)")
+                found.append(f"images {path}")
+            if found:
+                lines.append(f"{loader}: " + ", ".join(found))
+        evaluator = cfg.get(loader.replace("_dataloader", "_evaluator"))
+        for ev in evaluator if isinstance(evaluator, (list, tuple)) else [evaluator]:
+            ann = ev.get("ann_file") if isinstance(ev, Mapping) else None
+            if ann and _local(ann) and not os.path.isfile(ann):
+                raise DataError(f"{loader.replace('_dataloader', '_evaluator')}.ann_file {ann!r} does not exist; "
+                                "expected the COCO-format annotation file the metric scores against (check "
+                                "data_root: --cfg-options data_root=/path/to/coco/)")
+    return lines
+
+
+def check_data(cfg: Config, loaders: Sequence[str], status: Callable[..., str],
+               notice: Callable[..., str]) -> List[str]:
+    """The data a run will read, checked before anything is built and the same way in a dry run
+    and a real one: a demo config's ``data_root`` gets the generator's verdict (a folder it may not
+    write raises; a missing set is written by the real run later, :func:`ensure_demo_data`), any
+    other config's annotation files and image folders must exist (:func:`check_data_files`).
+    ``status`` / ``notice``: tools/make_demo_coco's. Returns the lines a dry run prints."""
+    verdict = demo_data_status(cfg, status)
+    if verdict is None:
+        return check_data_files(cfg, loaders)
+    if verdict == "ready":
+        return [f"data_root {os.path.abspath(cfg.data_root)}: the synthetic demo COCO set (demo_coco = True)"]
+    return [notice(cfg.data_root, verdict, key="data_root", dry_run=True)]
 
 
 class MetricsCapture(Hook):

@@ -534,6 +534,34 @@ def with_replay(cur: Curriculum, replay_times: Sequence[int], buffer_batches: Un
     return replace(cur, stages=stages)
 
 
+def with_stage_accumulation(cur: Curriculum, accum_steps: int, batch_size: int, world_size: int = 1,
+                            replay_chunks: int = 1) -> Curriculum:
+    """Fewer gradient-accumulation micro-steps where inputs are smaller: a stage of size ``s`` takes
+    the fewest micro-steps ``a`` whose per-process micro-batch holds no more pixels than the final
+    size's (``a >= accum_steps * (s / final)^2``: activation memory follows pixels), among those that
+    split the stage's batch and loader batch evenly over ``world_size`` processes (and, in a replay
+    stage, a loader micro-batch into ``replay_chunks`` chunks); ``accum_steps`` when
+    none does. A larger micro-batch means fewer, larger kernels: the cheap stages' fixed per-step cost
+    shrinks. The gradient of a step is the same mean over the same samples. Stages that set their own
+    ``accum_steps`` keep it."""
+    if accum_steps <= 1:
+        return cur
+    final = cur.final_size
+    stages = []
+    for st in cur.stages:
+        if st.accum_steps is not None:
+            stages.append(st)
+            continue
+        bs = st.batch_size or batch_size
+        loader = bs // st.replay_times
+        low = max(1, math.ceil(accum_steps * (st.size / final) ** 2 - 1e-9))
+        chunks = replay_chunks if st.replay_times > 1 else 1
+        fits = [a for a in range(low, accum_steps + 1)
+                if bs % (a * world_size) == 0 and loader % (a * world_size * chunks) == 0]
+        stages.append(replace(st, accum_steps=fits[0] if fits else accum_steps))
+    return replace(cur, stages=tuple(stages))
+
+
 def model_flops_cost(model: Any, in_chans: int = 3) -> CostFn:
     """A cost function counting the forward FLOPs of ``model`` on one image of size B x B (for
     ``speedup``/``compute`` budgets with the FLOPs cost model). The model must accept every size."""

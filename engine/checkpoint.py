@@ -6,7 +6,7 @@ import glob
 import os
 import re
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -60,38 +60,80 @@ def save_checkpoint(state: Dict[str, Any], folder: str, step: int, keep_last: in
     return path
 
 
-def snapshot(obj: Any) -> Any:
-    """A deep copy of a state dict's tensors in host memory (training may change the originals
-    in place while a background thread writes the copy)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj
+class HostCopy:
+    """Copies a state dict to host memory: CPU tensors by value; CUDA tensors into page-locked
+    buffers (kept in ``pool`` and reused by the next checkpoint of the same shapes) with
+    asynchronous copies on a side stream, so the training thread only queues them. The training
+    stream waits for the copies on the device (not the host) before it changes the weights again;
+    :meth:`wait` (on the writer thread) blocks until they landed."""
+
+    def __init__(self, pool: Optional[List[torch.Tensor]] = None) -> None:
+        self.pool = pool if pool is not None else []
+        self._used = 0
+        self._event = None
+        self._stream = None
+
+    def snapshot(self, obj: Any) -> Any:
+        out = self._copy(obj)
+        if self._stream is not None:
+            self._event = torch.cuda.Event()
+            self._event.record(self._stream)
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+        return out
+
+    def _copy(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach()
+            if t.device.type != "cuda":
+                return t.to("cpu", copy=True)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(t.device)
+                self._stream.wait_stream(torch.cuda.current_stream(t.device))   # the values as of now
+            buf = self.pool[self._used] if self._used < len(self.pool) else None
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                if self._used < len(self.pool):
+                    self.pool[self._used] = buf
+                else:
+                    self.pool.append(buf)
+            self._used += 1
+            with torch.cuda.stream(self._stream):
+                buf.copy_(t, non_blocking=True)
+            return buf
+        if isinstance(obj, dict):
+            return {k: self._copy(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._copy(v) for v in obj)
+        return obj
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
 
 
 class CheckpointWriter:
     """Writes checkpoints on a background thread, one at a time.
 
-    :meth:`submit` snapshots the state to host memory (the only part training waits for) and
-    returns; the file is written, linked as latest and pruned while training continues. A new
-    submit first waits for the previous write; :meth:`wait` re-raises a failed write, so an
-    error never goes unnoticed, only later.
+    :meth:`submit` queues the copy of the state to host memory (:class:`HostCopy`: page-locked
+    buffers, reused, for device tensors) and returns; the file is written, linked as latest and
+    pruned while training continues. A new submit first waits for the previous write; :meth:`wait`
+    re-raises a failed write, so an error never goes unnoticed, only later.
     """
 
     def __init__(self) -> None:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._pool: List[torch.Tensor] = []
 
     def submit(self, state: Dict[str, Any], write: Callable[[Dict[str, Any]], Any]) -> None:
         """Snapshot ``state`` now; ``write(snapshot)`` on the writer thread."""
-        self.wait()
-        state = snapshot(state)
+        self.wait()                      # the previous write is done: its page-locked buffers are free again
+        copy = HostCopy(self._pool)
+        state = copy.snapshot(state)
 
         def run() -> None:
             try:
+                copy.wait()
                 write(state)
             except BaseException as e:  # handed to the training thread by wait()
                 self._error = e

@@ -202,3 +202,32 @@ class Normalizer:
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised -> 0..1 (for pictures)."""
         return (x * self.std + self.mean).clamp(0, 1)
+
+
+SHM = "/dev/shm"
+
+
+def check_shared_memory(num_workers: int, prefetch: int, batch: int, sample_bytes: int, processes: int = 1,
+                        path: str = SHM) -> int:
+    """Raise :class:`DataError` when the batches loader workers keep in flight cannot fit in the
+    node's shared memory (``path``): ``num_workers x prefetch`` batches of ``batch`` samples of
+    ``sample_bytes`` per process, ``processes`` processes on the node. A container's default
+    (64 MB) ends in a worker's "bus error" minutes into a run; this says so before it starts.
+    Returns the bytes needed (0 without workers: batches stay in the training process)."""
+    if num_workers <= 0:
+        return 0
+    need = num_workers * prefetch * batch * sample_bytes * processes
+    try:
+        import shutil
+
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return need                      # no /dev/shm (not Linux): nothing to check against
+    if need > free:
+        raise DataError(
+            f"shared memory: {num_workers} loader worker(s) x prefetch {prefetch} x {batch} samples of "
+            f"{sample_bytes / 2 ** 10:.0f} KiB x {processes} process(es) on this node need {need / 2 ** 30:.2f} GiB of "
+            f"{path}, which has {free / 2 ** 30:.2f} GiB free. In a container start it with --ipc=host or "
+            f"--shm-size={max(1, -(-need * 2 // 2 ** 30))}g; or lower data.num_workers (0 loads in the training "
+            "process)")
+    return need

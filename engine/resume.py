@@ -21,9 +21,11 @@ from .config import ConfigError
 # Keys (or whole sections) a resumed run may change without asking: they do not change the
 # computation of the steps still to come, only where, how fast and how visibly they run.
 ALWAYS_ALLOWED: Tuple[str, ...] = (
-    "train.max_steps", "train.log_every", "train.progress", "train.save_every_steps", "train.eval_every_steps",
-    "train.keep_last", "train.resume", "train.resume_allow", "train.output_dir", "train.device", "train.ema_eval",
-    "train.compile", "train.compile_backend", "train.compile_recompile_limit", "train.per_gpu_batch_size",
+    "train.max_steps", "train.log_every", "train.progress", "train.save_every_steps", "train.save_every_minutes",
+    "train.eval_every_steps", "train.keep_last", "train.resume", "train.resume_allow", "train.output_dir",
+    "train.device", "train.ema_eval",
+    "train.compile", "train.compile_backend", "train.compile_mode", "train.compile_recompile_limit",
+    "train.per_gpu_batch_size",
     "data.num_workers", "data.decode", "data.crop_pct", "curriculum.baseline_epochs", "eval",
     "model.checkpoint",      # fine-tuning: the pretrained file only initialises; a resume loads the run's weights
 )
@@ -39,7 +41,7 @@ NEVER: Tuple[str, ...] = (
 )
 _ABSENT = "(absent)"
 # What a key added later meant in checkpoints written before it existed
-LEGACY_DEFAULTS: Dict[str, Any] = {"model.resize": "forward", "model.builder": "timm", "recipe": "none",
+LEGACY_DEFAULTS: Dict[str, Any] = {"model.resize": "forward", "train.accum_by_stage": False, "model.builder": "timm", "recipe": "none",
                                    "opt_eps": 1e-8, "data.replay_chunks": 1, "train.ema_decay": 0.0,
                                    "train.ema_eval": True,
                                    **{f"growth.{k}": v for k, v in (

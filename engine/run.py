@@ -24,9 +24,10 @@ from efficienttrain.plot import plot_curriculum
 
 from .config import load_config, save_config, to_dict
 from .config_doc import sections_summary
-from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .distributed import DistInfo, barrier, cleanup, describe_environment, init_distributed
 from .errors import USER_ERRORS, run_cli
 from .resume import Resume, check_plan_steps, find_resume, flatten
+from .stops import RunDirBusy, RunLock, Stopped, StopSignals
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,9 +82,11 @@ class Run:
     """One invocation of a training entry point, as a context manager.
 
     On entry: process group, seeds (per rank), ``train.per_gpu_batch_size`` turned into the global
-    ``train.batch_size``, the run directory and (rank 0, not in a dry run) ``log.txt`` receiving
+    ``train.batch_size``, the SIGINT / SIGTERM handlers (``signals``: the trainer asks them at step
+    boundaries), the run directory's lock (rank 0, taken before anything is written; every rank
+    stops when another live run holds it) and (rank 0, not in a dry run) ``log.txt`` receiving
     everything printed. On exit: the error (if any) is appended to ``log.txt``, the streams are
-    restored and the process group is torn down."""
+    restored, the lock released, the handlers restored and the process group torn down."""
 
     def __init__(self, cfg: Any, run_name: str, opts: Optional[RunOptions] = None) -> None:
         self.cfg, self.opts = cfg, opts or RunOptions()
@@ -97,30 +100,68 @@ class Run:
         self._log_file: Optional[TextIO] = None
         self._streams = (sys.stdout, sys.stderr)
         self.global_batch = settle_batch_size(cfg.train, self.dist.world_size)
+        self.signals = StopSignals()
+        self.lock: Optional[RunLock] = None
 
     def __enter__(self) -> "Run":
+        self.signals.install()
+        try:
+            self._take_lock()
+        except BaseException:
+            self.signals.restore()
+            cleanup(self.dist)
+            raise
         if self.dist.is_main and not self.opts.dry_run:
-            os.makedirs(self.dir, exist_ok=True)
             self._log_file = open(os.path.join(self.dir, "log.txt"), "a", encoding="utf-8")
             self._log_file.write(f"\n===== {datetime.datetime.now().isoformat(timespec='seconds')} "
                                  f"{self.opts.command or '(called from Python)'}\n")
             sys.stdout = _Tee(sys.stdout, self._log_file, skip_redraws=False)
             sys.stderr = _Tee(sys.stderr, self._log_file, skip_redraws=True)
         self.log(f"run directory: {self.dir}" + (" (dry run: nothing is written)" if self.opts.dry_run else ""))
+        self.log(describe_environment(self.dist.device))
+        if self.lock is not None and self.lock.notice:
+            self.log(self.lock.notice)
+        if self.opts.dry_run and self.dist.is_main:
+            holder = RunLock.holder(self.dir)
+            if holder:
+                self.log(f"note: a live run holds {self.dir} ({holder}); a real run started now would exit 2")
         self.log(self.global_batch)
         return self
+
+    def _take_lock(self) -> None:
+        """Rank 0 takes the directory's lock; every rank learns whether it could (one all-reduce)."""
+        if self.opts.dry_run:
+            return
+        busy: Optional[RunDirBusy] = None
+        if self.dist.is_main:
+            try:
+                self.lock = RunLock(self.dir, self.opts.command).acquire()
+            except RunDirBusy as e:
+                busy = e
+        if self.dist.enabled:
+            flag = torch.tensor([float(busy is not None)], device=self.dist.device)
+            torch.distributed.all_reduce(flag)
+            if busy is None and flag.item() > 0:
+                busy = RunDirBusy(f"{self.dir} is in use by another live run (rank 0 says which)")
+        if busy is not None:
+            raise busy
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._log_file is not None:
             if exc is not None:
                 import traceback
 
-                text = f"error: {exc}\n" if isinstance(exc, USER_ERRORS) else "".join(
-                    traceback.format_exception(exc_type, exc, tb))
+                text = (f"error: {exc}\n" if isinstance(exc, USER_ERRORS) else f"stopped: {exc}\n"
+                        if isinstance(exc, (Stopped, KeyboardInterrupt)) else "".join(
+                            traceback.format_exception(exc_type, exc, tb)))
                 self._log_file.write(text)
             sys.stdout, sys.stderr = self._streams
             self._log_file.close()
             self._log_file = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        self.signals.restore()
         cleanup(self.dist)
 
     def find_resume(self, config: Dict[str, Any]) -> Optional[Resume]:
@@ -137,10 +178,24 @@ class Run:
                             f"{k}: {v0!r} -> {v1!r}" for k, v0, v1 in accepted)))
         return self.resume
 
-    def demo_data_ready(self, exists: Callable[[], bool], generate: Callable[[], Any], path: str) -> bool:
+    def demo_data_ready(self, exists: Callable[[], bool], generate: Callable[[], Any], path: str,
+                        check: Optional[Callable[[], str]] = None,
+                        notice: Optional[Callable[[str], str]] = None) -> bool:
         """``data.demo=true``: rank 0 generates the demo set (a no-op when it is there) and every rank
         waits for it; True. A dry run writes nothing: False (said in the log) when the set is missing,
-        since the plan needs the data."""
+        since the plan needs the data. ``check()`` is the generator's verdict without writing
+        (``"ready"``, ``"missing"``, ``"regenerate"``; a path it would refuse raises, on every rank
+        and in a dry run alike, so a dry run fails where the real run would); ``notice(verdict)``
+        is the dry run's line saying what the real run would write."""
+        if check is not None:
+            verdict = check()
+            if self.opts.dry_run:
+                if verdict != "ready":
+                    self.log(f"{notice(verdict) if notice else f'dry run: data.demo=true: {verdict} {path}'}. "
+                             "Everything before the data checks out; the plan needs the data, so it is not shown")
+                    return False
+                return True
+            barrier(self.dist)        # every rank has its verdict before rank 0 writes (or removes) anything
         if self.opts.dry_run:
             if not exists():
                 self.log(f"dry run: data.demo=true and the demo set is not generated yet ({path}); the first real "

@@ -48,10 +48,22 @@ class RunTiming:
         self.overhead_seconds = float(state["overhead_seconds"])
 
 
+def wall_efficiency(ips: Dict[int, float], final_size: int, flops_ratio: Dict[str, float]) -> Dict[str, float]:
+    """Per input size, how much of its FLOP saving a stage turned into time: (images/s at the size /
+    images/s at the final size) / (FLOPs per image at the final size / at the size). 1.0: a stage
+    with a quarter of the FLOPs runs four times the images per second; below it, fixed per-step
+    costs (launches, the host, data) eat the saving. Sizes without a FLOP count are left out."""
+    if final_size not in ips or not ips[final_size] > 0:
+        return {}
+    return {str(size): (v / ips[final_size]) * flops_ratio[str(size)]
+            for size, v in sorted(ips.items()) if str(size) in flops_ratio and v > 0}
+
+
 def measured_saving(timing: RunTiming, final_size: int, dataset_size: int, baseline_epochs: float,
-                    planned_speedup: float) -> Dict[str, Any]:
-    """Summary dict: per-stage images/s, step and overhead seconds, the estimated baseline time
-    and the measured saving (None when no final-size step ran, e.g. a run stopped early)."""
+                    planned_speedup: float, flops_ratio: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """Summary dict: per-stage images/s, step and overhead seconds, the estimated baseline time,
+    the measured saving (None when no final-size step ran, e.g. a run stopped early) and, given
+    the model's FLOPs per size relative to the final size, the wall efficiency per size."""
     rows: List[Dict[str, Any]] = [
         {"stage": k, "size": t.size, "steps": t.steps, "images": t.images, "seconds": t.seconds,
          "images_per_s": t.images_per_s} for k, t in sorted(timing.stages.items())]
@@ -62,6 +74,7 @@ def measured_saving(timing: RunTiming, final_size: int, dataset_size: int, basel
                            "planned_speedup": planned_speedup, "baseline_epochs": baseline_epochs,
                            "final_size_images_per_s": None, "baseline_seconds_estimate": None,
                            "measured_speedup": None, "measured_over_planned": None}
+    out["wall_efficiency"] = wall_efficiency(throughput_by_size(rows), final_size, flops_ratio or {})
     if final and step_seconds > 0:
         ips = sum(t.images for t in final) / sum(t.seconds for t in final)
         base = baseline_epochs * dataset_size / ips
@@ -71,16 +84,26 @@ def measured_saving(timing: RunTiming, final_size: int, dataset_size: int, basel
     return out
 
 
-def format_saving(summary: Dict[str, Any]) -> str:
-    """The lines a run prints at its end."""
+def throughput_by_size(rows: List[Dict[str, Any]]) -> Dict[int, float]:
+    """Images per second at each input size over the summary's stage rows (stages of one size pooled)."""
     by_size: Dict[int, List[float]] = {}
-    for r in summary["stages"]:
+    for r in rows:
         if r["seconds"] > 0:
             acc = by_size.setdefault(r["size"], [0.0, 0.0])
             acc[0] += r["images"]
             acc[1] += r["seconds"]
-    lines = ["throughput: " + ", ".join(f"{size}px {n / sec:.0f} img/s" for size, (n, sec) in by_size.items())
+    return {size: n / sec for size, (n, sec) in by_size.items()}
+
+
+def format_saving(summary: Dict[str, Any]) -> str:
+    """The lines a run prints at its end."""
+    lines = ["throughput: " + ", ".join(f"{size}px {ips:.0f} img/s"
+                                        for size, ips in throughput_by_size(summary["stages"]).items())
              + " (per stage in summary.json)"]
+    eff = summary.get("wall_efficiency") or {}
+    if len(eff) > 1:
+        lines.append("wall efficiency (images/s relative to the final size x FLOPs per image relative to it; 1.00: "
+                     "the FLOP saving fully in time): " + ", ".join(f"{size}px {e:.2f}" for size, e in eff.items()))
     if summary["measured_speedup"] is None:
         lines.append(f"saving: planned {summary['planned_speedup']:.2f}x less compute; measured: not available "
                      "(no final-size stage ran in this run)")

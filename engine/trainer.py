@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from efficienttrain.curriculum import Plan, PlannedStage, StepInfo
+from efficienttrain.curriculum import Curriculum, Plan, PlannedStage, StepInfo, with_stage_accumulation
 from efficienttrain.replay import ReplayBuffer, check_replay_memory, image_sample_bytes
 
 from .checkpoint import CheckpointError, CheckpointWriter, atomic_save, atomic_write_json, save_checkpoint
@@ -44,6 +44,7 @@ from .optim import no_weight_decay
 from .plots import plot_eval_curve
 from .resume import Resume, check_plan_steps, find_resume
 from .speed import RunTiming, StageTiming, format_saving, measured_saving
+from .stops import StepControl, Stopped, StopSignals, exit_code, signal_name
 
 
 @dataclass
@@ -65,7 +66,11 @@ class TrainConfig:
     amp: str = "auto"                      # auto (bf16 on capable GPUs, else fp16; off on CPU) | bf16 | fp16 | off
     compile: bool = False                  # torch.compile the model (static shapes: one graph per curriculum size)
     compile_backend: str = "inductor"      # torch.compile backend (inductor; eager / aot_eager to debug)
+    compile_mode: str = "default"          # inductor mode: default | reduce-overhead (CUDA graphs: removes the launch
+                                           # cost that dominates small stages) | max-autotune | max-autotune-no-cudagraphs
     compile_recompile_limit: Optional[int] = None   # graphs per compiled frame (default: fits the curriculum)
+    accum_by_stage: bool = True            # fewer micro-steps (a larger per-process batch) in stages with smaller
+                                           # inputs, as long as a micro-batch holds no more pixels than at the final size
     seed: int = 0                          # random seed: model init, sample order, crops and augmentation
     device: str = "auto"                   # auto (the local GPU if CUDA is available, else cpu) | cpu | cuda | cuda:N
     output_dir: str = ""                   # run directory (default: runs/<config name>)
@@ -73,6 +78,8 @@ class TrainConfig:
     resume_allow: List[str] = field(default_factory=list)  # keys (or sections) a resume may change beyond the
                                            # always-allowed ones (logging, workers, max_steps, ...), e.g. [train.blr]
     save_every_steps: int = 0              # also checkpoint every N steps (0: only at stage ends and the end)
+    save_every_minutes: float = 10.0       # also checkpoint once this many minutes passed since the last checkpoint
+                                           # (0: off): bounds the work a hard kill loses (SIGINT / SIGTERM save at once)
     eval_every_steps: int = 0              # tasks that evaluate: also every N steps (always at stage ends and the end)
     keep_last: int = 3                     # numbered checkpoints kept (besides latest and best); 0: all
     log_every: int = 10                    # log loss, LR, images/s (metrics.jsonl, TensorBoard, bar) every N steps
@@ -101,6 +108,15 @@ class TrainConfig:
             if value is not None and (value < 0 or (value == 0 and key in ("blr", "lr", "clip_grad"))):
                 raise ConfigError(f"{where}.{key} must be {'> 0' if key in ('blr', 'lr', 'clip_grad') else '>= 0'}"
                                   f"{' (or null)' if key in ('lr', 'clip_grad') else ''}, got {value}")
+        if not self.save_every_minutes >= 0:
+            raise ConfigError(f"{where}.save_every_minutes must be >= 0 (0: no timed checkpoints), "
+                              f"got {self.save_every_minutes}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"{where}.compile_mode: {self.compile_mode!r} is not allowed; allowed: "
+                              f"{', '.join(COMPILE_MODES)}")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ConfigError(f"{where}.compile_mode={self.compile_mode} is a mode of the inductor backend; "
+                              f"{where}.compile_backend is {self.compile_backend!r}: use compile_mode=default with it")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"{where}.max_steps must be >= 1 (or null: the whole plan), got {self.max_steps}")
         if not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
@@ -118,8 +134,18 @@ class TrainConfig:
             raise ConfigError(f"{where}.warmup_epochs={self.warmup_epochs:g} is not below curriculum.epochs={epochs:g} "
                               "(warmup is counted in budget epochs); allowed: 0 <= warmup_epochs < curriculum.epochs")
 
+    def stage_accumulation(self, cur: Curriculum, world_size: int, replay_chunks: int) -> Curriculum:
+        """``cur`` with each stage's accumulation set by ``accum_by_stage``
+        (:func:`efficienttrain.curriculum.with_stage_accumulation`)."""
+        if not self.accum_by_stage:
+            return cur
+        return with_stage_accumulation(cur, self.accum_steps, self.batch_size, world_size, replay_chunks)
+
     def base_lr(self) -> float:
         return self.lr if self.lr is not None else self.blr * self.batch_size / 256
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class Prepared(NamedTuple):
@@ -213,6 +239,10 @@ class RunBatches:
                 yield [(sample_index(p, self.n, self.seed), p, magnitude, ps.stage.size)
                        for p in range(start, start + micro)]
 
+    def max_micro_batch(self) -> int:
+        """The largest micro-batch this rank loads (what loader workers keep in flight per batch)."""
+        return max(ps.loader_batch_size // (self.world * ps.accum_steps) for ps in self.plan.stages)
+
     def __len__(self) -> int:
         return sum((ps.steps - max(0, self.first_step - ps.start_step)) * ps.accum_steps
                    for ps in self.plan.stages if ps.end_step > self.first_step)
@@ -255,14 +285,24 @@ class CurriculumTrainer:
                  log: Callable[[str], None] = print,
                  optimizer: Optional[torch.optim.Optimizer] = None,
                  baseline_epochs: Optional[float] = None,
-                 resume: Union[Resume, None, str] = "find") -> None:
+                 resume: Union[Resume, None, str] = "find",
+                 signals: Optional[StopSignals] = None,
+                 flops_ratio: Optional[Dict[str, float]] = None) -> None:
         """``resume``: the checkpoint an entry point already found and checked (``find_resume``),
-        None to start fresh, or "find" to look for it here (``train.resume``)."""
+        None to start fresh, or "find" to look for it here (``train.resume``). ``signals``: the run's
+        SIGINT / SIGTERM handlers (engine.run.Run.signals); with them a signal saves the step it
+        interrupted and raises :class:`engine.stops.Stopped`. ``flops_ratio``: the model's FLOPs per
+        image at each size (str) relative to the final size, for the wall efficiency per stage."""
         self.cfg, self.task, self.plan, self.dist = cfg, task, plan, dist
+        self.signals, self.flops_ratio = signals, flops_ratio
         self._resume = resume
         self.run_dir, self.config_dict, self.n = run_dir, config_dict, dataset_size
         self.baseline_epochs = baseline_epochs if baseline_epochs is not None else plan.epochs
         self.log = log if dist.is_main else (lambda msg: None)
+        if cfg.compile and cfg.compile_mode == "reduce-overhead" and dist.device.type != "cuda":
+            raise ConfigError(f"train.compile_mode=reduce-overhead captures CUDA graphs; this run is on {dist.device}: "
+                              "use train.compile_mode=default (or train.compile=false)")
+        self._cuda_graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
         self.model = model.to(dist.device)
         check_plan_fits(plan, dist.world_size, getattr(task, "replay_chunks", 32))   # fail before training
         self.replay_bytes = check_replay_memory(   # per process and replay stage; fails if a host cannot hold it
@@ -340,10 +380,13 @@ class CurriculumTrainer:
         cfg = torch._dynamo.config
         cfg.recompile_limit = limit
         cfg.accumulated_recompile_limit = max(getattr(cfg, "accumulated_recompile_limit", 256), 4 * limit)
-        return torch.compile(module, dynamic=False, backend=self.cfg.compile_backend)
+        mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
+        return torch.compile(module, dynamic=False, backend=self.cfg.compile_backend, mode=mode)
 
     # ---- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, rng_ranks: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+        """The whole training state; ``rng_ranks``: every rank's random generators, gathered by
+        :meth:`save` (without them, this process's alone)."""
         return {
             "model": self.model.state_dict(),
             **({"model_ema": self.ema.state_dict(), "best_ema": self.best_ema,       # the official key
@@ -356,8 +399,8 @@ class CurriculumTrainer:
             "best": self.best,
             "last_eval": dict(self.last_eval),      # a resumed (or rerun finished) run keeps its results
             "timing": self.timing.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": rng_ranks[0] if rng_ranks else local_rng_state(self.dist.device),
+            "rng_ranks": rng_ranks or [local_rng_state(self.dist.device)],   # entry r: rank r's generators
             "replay": self.replay.state_dict() if self.replay is not None else None,
             **({"task": self.task.state_dict()} if hasattr(self.task, "state_dict") else {}),
             "meta": {**self.task.checkpoint_meta(), "position": {
@@ -389,12 +432,24 @@ class CurriculumTrainer:
         self.best_ema = state.get("best_ema")
         self.last_eval_ema = dict(state.get("last_eval_ema") or {})
         self.timing.load_state_dict(state.get("timing"))
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_to_tuple(rng["python"]))
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self._restore_rng(state)
         self._resume_replay = state.get("replay")
+
+    def _restore_rng(self, state: Dict[str, Any]) -> None:
+        """This rank's generators as the checkpoint saved them for this rank; where it holds none
+        for it (another process count, or a checkpoint written before per-rank states) they are
+        derived from (seed, rank, step), and the log says so."""
+        ranks = state.get("rng_ranks")
+        if ranks is None and self.dist.world_size == 1:
+            ranks = [state["rng"]]                  # a single-process run's (older) checkpoint
+        if ranks is not None and len(ranks) == self.dist.world_size:
+            set_local_rng_state(ranks[self.dist.rank], self.dist.device)
+            return
+        seed = (self.cfg.seed * 1_000_003 + self.step * 7919 + self.dist.rank * 104_729) % 2 ** 63
+        torch.manual_seed(seed)
+        random.seed(seed)
+        self.log(f"the checkpoint holds the random states of {len(ranks) if ranks else 'only its first'} process(es), "
+                 f"this run has {self.dist.world_size}: every rank's generators are derived from (seed, rank, step)")
 
     def position_at(self, step: int) -> int:
         """Stream position (samples consumed) before optimizer ``step``."""
@@ -428,6 +483,7 @@ class CurriculumTrainer:
         followed a non-finite loss. ``ema``: ``checkpoint-best-ema.pth``, whose ``model`` holds the
         EMA weights (so evaluating it needs nothing EMA-specific; no optimizer: not resumable)."""
         self._check_finite()
+        rng_ranks = None if ema else gather_rng_states(self.dist)    # every rank takes part
         if not self.dist.is_main:
             return
         if ema:
@@ -439,10 +495,10 @@ class CurriculumTrainer:
             self.writer.submit(st, lambda st: atomic_save(st, path))
         elif best:
             path = os.path.join(self.ckpt_dir, "checkpoint-best.pth")
-            self.writer.submit(self.state_dict(), lambda st: atomic_save(st, path))
+            self.writer.submit(self.state_dict(rng_ranks), lambda st: atomic_save(st, path))
         else:
             step, keep = self.step, self.cfg.keep_last
-            self.writer.submit(self.state_dict(), lambda st: save_checkpoint(st, self.ckpt_dir, step, keep))
+            self.writer.submit(self.state_dict(rng_ranks), lambda st: save_checkpoint(st, self.ckpt_dir, step, keep))
             path = os.path.join(self.ckpt_dir, f"checkpoint-{step:08d}.pth")
         self.log(f"saving {path}")
 
@@ -596,6 +652,8 @@ class CurriculumTrainer:
             sync = a == info.accum_steps - 1 or not self.dist.enabled
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
             np.random.seed((cfg.seed * 1_000_003 + self.step * 101 + a * 7 + self.dist.rank) % 2 ** 32)
+            if self._cuda_graphs:       # a new iteration: the graphs may reuse the previous one's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             with ctx:
                 with torch.autocast(self.dist.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                     loss = self.task.loss(self.forward_model, inputs, info)
@@ -634,7 +692,11 @@ class CurriculumTrainer:
 
             progress = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1,
                             mininterval=1.0)
+        control = StepControl(self.signals, self.dist, 60 * cfg.save_every_minutes)
+        if self.step < stop:
+            self.log(self.checkpoint_policy())
         try:
+            control.begin()
             it = iter(self.task.make_loader(RunBatches(plan, self.step, self.n, cfg.seed, self.dist))) \
                 if self.step < stop else None
             stage_idx = -1
@@ -660,9 +722,15 @@ class CurriculumTrainer:
                 self.step += 1
 
                 stage_end = self.step == ps.end_step
+                signum, timed = control.poll()          # the same answer on every rank
+                stopping = signum is not None and self.step < stop
+                if stopping:
+                    self.log(f"\n{signal_name(signum)}: saving step {self.step}, then stopping "
+                             "(a second signal stops at once)")
                 evaluate = getattr(self.task, "evaluate", None) is not None and (
                     stage_end or self.step == stop or (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0))
-                save = stage_end or self.step == stop or bool(cfg.save_every_steps and self.step % cfg.save_every_steps == 0)
+                save = stage_end or self.step == stop or stopping or timed or bool(
+                    cfg.save_every_steps and self.step % cfg.save_every_steps == 0)
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     self._last_loss = self._read_loss()
                     now = time.perf_counter()
@@ -696,6 +764,7 @@ class CurriculumTrainer:
                 improved = self._evaluate() if evaluate else False
                 if save:
                     self.save()
+                    control.saved()
                 if improved:
                     self.save(best=True)
                 if evaluate and self._ema_improved:
@@ -704,11 +773,16 @@ class CurriculumTrainer:
                 self.timing.overhead_seconds += now - t_over
                 t_stage = now
                 t_log += now - t_over
+                if stopping:
+                    self.writer.wait()          # on disk before the process says so
+                    raise Stopped(f"stopped at step {self.step} of {total}; run the same command to resume",
+                                  exit_code(signum))
             self.writer.wait()
         except BaseException:
             self._finish_writes()
             raise
         finally:
+            control.close()
             if progress is not None:
                 progress.close()
             self._close_logs()
@@ -726,6 +800,17 @@ class CurriculumTrainer:
                 "loss": self._last_loss, "bad_samples": self.bad_samples,
                 "best": self.best, "eval": self.last_eval, "speed": summary,
                 **({"best_ema": self.best_ema, "eval_ema": self.last_eval_ema} if self.ema is not None else {})}
+
+    def checkpoint_policy(self) -> str:
+        """The line that says when this run writes checkpoints (logged at its start)."""
+        cfg = self.cfg
+        when = ["at every stage end and the last step"]
+        if cfg.save_every_steps:
+            when.append(f"every {cfg.save_every_steps} steps")
+        if cfg.save_every_minutes:
+            when.append(f"every {cfg.save_every_minutes:g} min of training (train.save_every_minutes)")
+        return (f"checkpoints: {', '.join(when)}; Ctrl-C / SIGTERM saves the step it interrupts "
+                f"(a second one stops at once), in {self.ckpt_dir}")
 
     def _release_ddp(self) -> None:
         """Drop the DDP wrapper (and its reducer's hold on the process group) while the process
@@ -746,7 +831,7 @@ class CurriculumTrainer:
         planned = getattr(self.task, "planned_speedup", None)
         speedup = (planned() * self.baseline_epochs / self.plan.epochs if planned is not None
                    else cur.speedup(self.plan.epochs, self.baseline_epochs))
-        return measured_saving(self.timing, cur.final_size, self.n, self.baseline_epochs, speedup)
+        return measured_saving(self.timing, cur.final_size, self.n, self.baseline_epochs, speedup, self.flops_ratio)
 
     def eval_record(self) -> Dict[str, float]:
         """The last evaluation under its logged names (``eval_top1``, ``knn_top1``, ...)."""
@@ -849,6 +934,42 @@ def truncate_metrics(path: str, step: int) -> int:
             f.writelines(keep)
         os.replace(tmp, path)
     return dropped
+
+
+def local_rng_state(device: torch.device) -> Dict[str, Any]:
+    """This process's generators (torch CPU, its CUDA device, Python, numpy) in checkpoint form:
+    tensors and plain values only, so ``torch.load(weights_only=True)`` reads them."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+
+
+def set_local_rng_state(rng: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_to_tuple(rng["python"]))
+    cuda = rng.get("cuda")
+    if isinstance(cuda, list):                  # older checkpoints: every visible device's state
+        cuda = cuda[device.index or 0] if len(cuda) > (device.index or 0) else None
+    if device.type == "cuda" and isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda, device)
+    npy = rng.get("numpy")
+    if npy is not None:
+        np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["gauss"]))
+
+
+def gather_rng_states(dist: DistInfo) -> List[Dict[str, Any]]:
+    """Every rank's :func:`local_rng_state`, in rank order, on rank 0 (others get an empty list)."""
+    mine = local_rng_state(dist.device)
+    if not dist.enabled:
+        return [mine]
+    import torch.distributed as tdist
+
+    out: List[Any] = [None] * dist.world_size if dist.is_main else None
+    tdist.gather_object(mine, out, dst=0)
+    return out if dist.is_main else []
 
 
 def _to_tuple(x: Any) -> Any:

@@ -18,23 +18,50 @@ import torch.nn.functional as F
 from engine.config import ConfigError
 from engine.data import EvalDataset, check_same_classes, eval_transform, image_folder
 from engine.distributed import DistInfo
+from engine.stops import ignore_stop_signals
 
 
 def knn_votes(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int,
-              temperature: float, num_classes: int, chunk: int = 1024) -> torch.Tensor:
-    """Class votes [N_test, num_classes] of the weighted kNN rule (features need not be normalised)."""
-    if not 1 <= k <= train_feats.shape[0]:
-        raise ValueError(f"k must be between 1 and the number of training samples ({train_feats.shape[0]}), got {k}")
-    train = F.normalize(train_feats.float(), dim=1)
+              temperature: float, num_classes: int, chunk: int = 1024, block: int = 65536) -> torch.Tensor:
+    """Class votes [N_test, num_classes] of the weighted kNN rule (features need not be normalised;
+    bank rows labelled -1 are padding and never vote). Similarities are float32, computed for
+    ``chunk`` queries against ``block`` bank rows at a time (the top k of each block, then of
+    their union), so the memory is bounded whatever the bank's size."""
+    n_bank = int((train_labels >= 0).sum())
+    if not 1 <= k <= n_bank:
+        raise ValueError(f"k must be between 1 and the number of training samples ({n_bank}), got {k}")
+    train = train_feats if train_feats.dtype == torch.bfloat16 else F.normalize(train_feats.float(), dim=1)
     out = []
     for i in range(0, test_feats.shape[0], chunk):
         test = F.normalize(test_feats[i:i + chunk].float(), dim=1)
-        sim, idx = (test @ train.T).topk(k, dim=1)                       # [B, k]
-        weights = (sim / temperature).exp()
+        best_sim = torch.empty(test.shape[0], 0, device=test.device)
+        best_idx = torch.empty(test.shape[0], 0, dtype=torch.int64, device=test.device)
+        for j in range(0, train.shape[0], block):
+            sim = test @ train[j:j + block].float().T                   # [B, block]
+            sim.masked_fill_(train_labels[j:j + block][None] < 0, float("-inf"))
+            s, idx = sim.topk(min(k, sim.shape[1]), dim=1)
+            best_sim, pick = torch.cat([best_sim, s], 1).topk(min(k, best_sim.shape[1] + s.shape[1]), dim=1)
+            best_idx = torch.cat([best_idx, idx + j], 1).gather(1, pick)
+        weights = (best_sim / temperature).exp()
         votes = torch.zeros(test.shape[0], num_classes, device=test.device)
-        votes.scatter_add_(1, train_labels[idx], weights)
+        votes.scatter_add_(1, train_labels[best_idx], weights)
         out.append(votes)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, num_classes, device=test_feats.device)
+
+
+def knn_counts(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+               test_labels: torch.Tensor, k: int, temperature: float, num_classes: int) -> torch.Tensor:
+    """float64 [top-1 hits, top-5 hits, queries] (top-5 is top-C for fewer classes): a sum over
+    query shards, so ranks that score their own queries add theirs up."""
+    votes = knn_votes(train_feats, train_labels, test_feats, k, temperature, num_classes)
+    top = votes.topk(min(5, num_classes), dim=1).indices
+    return torch.stack([(top[:, 0] == test_labels).sum(), (top == test_labels[:, None]).any(dim=1).sum(),
+                        torch.tensor(len(test_labels), device=top.device)]).double()
+
+
+def accuracy_of(counts: torch.Tensor) -> Dict[str, float]:
+    hits1, hits5, n = counts.tolist()
+    return {"top1": 100.0 * hits1 / max(n, 1), "top5": 100.0 * hits5 / max(n, 1)}
 
 
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
@@ -42,47 +69,79 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
                  num_classes: Optional[int] = None) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) of the weighted kNN rule (top-5 is top-C for fewer classes)."""
     c = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    votes = knn_votes(train_feats, train_labels, test_feats, k, temperature, c)
-    top = votes.topk(min(5, c), dim=1).indices
-    return {"top1": 100.0 * (top[:, 0] == test_labels).float().mean().item(),
-            "top5": 100.0 * (top == test_labels[:, None]).any(dim=1).float().mean().item()}
+    return accuracy_of(knn_counts(train_feats, train_labels, test_feats, test_labels, k, temperature, c))
 
 
 @torch.no_grad()
-def extract_features(features: Callable[[torch.Tensor], torch.Tensor], dataset: torch.utils.data.Dataset,
-                     device: torch.device, dist: Optional[DistInfo] = None, batch_size: int = 256,
-                     num_workers: int = 0, amp_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of every sample of ``dataset`` (in dataset order), each rank extracting
-    every ``world_size``-th sample and all ranks receiving the gathered result."""
-    world, rank = (dist.world_size, dist.rank) if dist is not None and dist.enabled else (1, 0)
+def _extract_share(features: Callable[[torch.Tensor], torch.Tensor], dataset: torch.utils.data.Dataset,
+                   device: torch.device, world: int, rank: int, batch_size: int, num_workers: int,
+                   amp_dtype: Optional[torch.dtype], dtype: torch.dtype, normalize: bool
+                   ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """This rank's samples (every ``world``-th from ``rank``) written batch by batch into one
+    buffer of ``ceil(len / world)`` rows (the same on every rank; padding rows: zeros, label -1):
+    (features [rows, D] in ``dtype``, L2-normalised when ``normalize``; labels; samples held)."""
     mine = list(range(rank, len(dataset), world))
+    rows = (len(dataset) + world - 1) // world
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
                                          num_workers=num_workers, pin_memory=device.type == "cuda",
-                                         generator=torch.Generator().manual_seed(0))
-    feats, labels = [], []
-    for x, y in loader:
+                                         generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
+    f: Optional[torch.Tensor] = None
+    y = torch.full((rows,), -1, dtype=torch.int64, device=device)
+    pos = 0
+    for x, lab in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            f = features(x.to(device, non_blocking=True))
-        feats.append(f.float())
-        labels.append(y.to(device))
-    f = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
-    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64, device=device)
-    if world == 1:
-        return f, y
-    # gather: pad every shard to the longest, then interleave back into dataset order
-    n_max = (len(dataset) + world - 1) // world
-    dim = torch.tensor([f.shape[1] if len(mine) else 0], device=device)
-    tdist.all_reduce(dim, op=tdist.ReduceOp.MAX)
-    fp = torch.zeros(n_max, int(dim.item()), device=device)
-    yp = torch.full((n_max,), -1, dtype=torch.int64, device=device)
-    if len(mine):                                  # a rank can hold no sample when the set is tiny
-        fp[:len(mine)], yp[:len(mine)] = f, y
-    fs, ys = [torch.empty_like(fp) for _ in range(world)], [torch.empty_like(yp) for _ in range(world)]
-    tdist.all_gather(fs, fp)
-    tdist.all_gather(ys, yp)
-    f_all = torch.stack(fs, 1).reshape(world * n_max, -1)[:len(dataset)]   # sample i is row i
-    y_all = torch.stack(ys, 1).reshape(-1)[:len(dataset)]
+            out = features(x.to(device, non_blocking=True)).float()
+        if normalize:
+            out = F.normalize(out, dim=1)
+        if f is None:
+            f = torch.zeros(rows, out.shape[1], dtype=dtype, device=device)
+        f[pos:pos + len(out)], y[pos:pos + len(out)] = out, lab.to(device)
+        pos += len(out)
+    if world > 1:                     # a rank can hold no sample when the set is tiny: take the others' width
+        dim = torch.tensor([0 if f is None else f.shape[1]], device=device)
+        tdist.all_reduce(dim, op=tdist.ReduceOp.MAX)
+        if f is None:
+            f = torch.zeros(rows, int(dim.item()), dtype=dtype, device=device)
+    return (f if f is not None else torch.zeros(rows, 0, dtype=dtype, device=device)), y, len(mine)
+
+
+def extract_features(features: Callable[[torch.Tensor], torch.Tensor], dataset: torch.utils.data.Dataset,
+                     device: torch.device, dist: Optional[DistInfo] = None, batch_size: int = 256,
+                     num_workers: int = 0, amp_dtype: Optional[torch.dtype] = None,
+                     gather: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float32 features and labels of every sample of ``dataset`` (in dataset order), each rank
+    extracting every ``world_size``-th sample and all ranks receiving the gathered result
+    (``gather=False``: this rank's share only)."""
+    world, rank = (dist.world_size, dist.rank) if dist is not None and dist.enabled else (1, 0)
+    f, y, n = _extract_share(features, dataset, device, world, rank, batch_size, num_workers, amp_dtype,
+                             torch.float32, normalize=False)
+    if world == 1 or not gather:
+        return f[:n], y[:n]
+    f_all, y_all = _all_gather(f, y, world)
+    # rank r's row j is sample r + j * world: interleave back into dataset order
+    f_all = f_all.view(world, -1, f.shape[1]).transpose(0, 1).reshape(-1, f.shape[1])[:len(dataset)]
+    return f_all, y_all.view(world, -1).T.reshape(-1)[:len(dataset)]
+
+
+def _all_gather(f: torch.Tensor, y: torch.Tensor, world: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's equally long share, rank after rank, in one buffer each (no per-rank list)."""
+    f_all = torch.empty(world * f.shape[0], f.shape[1], dtype=f.dtype, device=f.device)
+    y_all = torch.empty(world * y.shape[0], dtype=y.dtype, device=y.device)
+    tdist.all_gather_into_tensor(f_all, f.contiguous())
+    tdist.all_gather_into_tensor(y_all, y)
     return f_all, y_all
+
+
+def extract_bank(features: Callable[[torch.Tensor], torch.Tensor], dataset: torch.utils.data.Dataset,
+                 device: torch.device, dist: Optional[DistInfo] = None, batch_size: int = 256,
+                 num_workers: int = 0, amp_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kNN bank of ``dataset`` on every rank: L2-normalised bf16 features written by each rank
+    into its padded share and gathered once into one buffer, with labels (-1 on padding rows, which
+    never vote). Memory per rank: the bank in bf16 plus one share (docs/knn_memory.md)."""
+    world, rank = (dist.world_size, dist.rank) if dist is not None and dist.enabled else (1, 0)
+    f, y, n = _extract_share(features, dataset, device, world, rank, batch_size, num_workers, amp_dtype,
+                             torch.bfloat16, normalize=True)
+    return (f[:n], y[:n]) if world == 1 else _all_gather(f, y, world)
 
 
 @dataclass
@@ -152,6 +211,10 @@ class KNNMonitor:
                  ) -> Dict[str, float]:
         dev = self.dist.device
         kw = dict(dist=self.dist, batch_size=self.cfg.batch_size, num_workers=self.num_workers, amp_dtype=amp_dtype)
-        bank, bank_y = extract_features(features, self.train_set, dev, **kw)
-        query, query_y = extract_features(features, self.val_set, dev, **kw)
-        return knn_accuracy(bank, bank_y, query, query_y, self.cfg.k, self.cfg.temperature, self.num_classes)
+        bank, bank_y = extract_bank(features, self.train_set, dev, **kw)
+        query, query_y = extract_features(features, self.val_set, dev, **kw, gather=False)   # this rank's queries
+        counts = knn_counts(bank, bank_y, query, query_y, self.cfg.k, self.cfg.temperature, self.num_classes)
+        if self.dist.enabled:
+            tdist.all_reduce(counts)
+        return accuracy_of(counts)
+

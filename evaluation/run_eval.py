@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -30,6 +29,7 @@ from engine.config import ConfigError, load_config, save_config
 from engine.data import EvalDataset, check_same_classes, eval_transform, image_folder
 from engine.distributed import DistInfo, resolve_device
 from engine.errors import RunFailed, run_cli
+from engine.stops import RunLock, StopSignals, run_child
 
 from .knn import extract_features, knn_accuracy
 from .probe import linear_probe
@@ -98,6 +98,17 @@ def finetune_config(encoder: str, meta: Dict[str, Any], train: str, val: str, ep
     return load_config(FinetuneConfig, config, [*base, *overrides])
 
 
+def _inputs(run_dir: str, data: Optional[str], feature: str) -> Tuple[str, str, str]:
+    """(encoder.pth, train folder, val folder), checked: what an evaluation and its dry run check first."""
+    encoder = os.path.join(run_dir, "encoder.pth")
+    if not os.path.isfile(encoder):
+        raise FileNotFoundError(f"{encoder} does not exist: the run has not finished (the encoder is exported "
+                                "at its last step); finish it by running the same pretraining command again")
+    if feature not in ("cls", "avgpool"):
+        raise ConfigError(f"feature: {feature!r} is not allowed; allowed: cls, avgpool")
+    return (encoder, *data_folders(run_dir, data))
+
+
 def evaluate_run(run_dir: str, data: Optional[str] = None, knn: bool = True, probe: bool = True,
                  finetune_epochs: float = 0, finetune_overrides: Sequence[str] = (),
                  finetune_config_path: Optional[str] = None, k: int = 20,
@@ -107,49 +118,45 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, knn: bool = True, pro
     """Evaluate ``run_dir``'s encoder; returns (and writes into evaluation.json) the results. The
     fine-tune runs as its own ``python -m finetune`` process, behind ``launcher`` (default: this
     Python; e.g. ``[python, -m, torch.distributed.run, --nproc_per_node, 8]``)."""
-    encoder = os.path.join(run_dir, "encoder.pth")
-    if not os.path.isfile(encoder):
-        raise FileNotFoundError(f"{encoder} does not exist: the run has not finished (the encoder is exported "
-                                "at its last step); finish it by running the same pretraining command again")
-    if feature not in ("cls", "avgpool"):
-        raise ConfigError(f"feature: {feature!r} is not allowed; allowed: cls, avgpool")
-    train, val = data_folders(run_dir, data)
-    vit, meta = load_encoder(encoder)
-    dev = resolve_device(device)
-    vit.to(dev)
-    results: Dict[str, Any] = {"encoder": encoder, "train": train, "val": val,
-                               "img_size": meta["model_kwargs"]["img_size"], "feature": feature}
-    if knn or probe:
-        train_files, train_labels, classes = image_folder(train)
-        val_files, val_labels, val_classes = image_folder(val)
-        check_same_classes(classes, val_classes, train, val)
-        tf = eval_transform(meta["model_kwargs"]["img_size"], crop_pct)
-        amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
-        kw = dict(batch_size=batch_size, num_workers=num_workers, amp_dtype=amp)
-        fn = pooled(vit, feature)
-        ft, yt = extract_features(fn, EvalDataset(train_files, train_labels, tf), dev, **kw)
-        fv, yv = extract_features(fn, EvalDataset(val_files, val_labels, tf), dev, **kw)
-        if knn:
-            results["knn"] = {**knn_accuracy(ft, yt, fv, yv, k, temperature, len(classes)), "k": k,
-                              "temperature": temperature}
-        if probe:
-            results["probe"] = {**linear_probe(ft, yt, fv, yv, len(classes), epochs=probe_epochs), "epochs": probe_epochs}
-        del ft, yt, fv, yv
-    vit.cpu()                                   # the fine-tune's processes get the whole device
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    if finetune_epochs > 0:
-        results["finetune"] = _finetune(encoder, meta, train, val, finetune_epochs, run_dir, finetune_overrides,
-                                        finetune_config_path, launcher)
-    path = os.path.join(run_dir, "evaluation.json")
-    old = {}
-    if os.path.isfile(path):
-        with open(path, "r", encoding="utf-8") as f:
-            old = json.load(f)
-    same = all(old.get(k) == results[k] for k in ("train", "val", "img_size", "feature"))
-    merged = {**(old if same else {}), **results}     # earlier entries only if they scored the same data
-    atomic_write_json(merged, path)
-    return merged
+    encoder, train, val = _inputs(run_dir, data, feature)
+    with RunLock(run_dir, "python -m evaluation"):   # evaluation.json is the run's: one writer at a time
+        vit, meta = load_encoder(encoder)
+        dev = resolve_device(device)
+        vit.to(dev)
+        results: Dict[str, Any] = {"encoder": encoder, "train": train, "val": val,
+                                   "img_size": meta["model_kwargs"]["img_size"], "feature": feature}
+        if knn or probe:
+            train_files, train_labels, classes = image_folder(train)
+            val_files, val_labels, val_classes = image_folder(val)
+            check_same_classes(classes, val_classes, train, val)
+            tf = eval_transform(meta["model_kwargs"]["img_size"], crop_pct)
+            amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+            kw = dict(batch_size=batch_size, num_workers=num_workers, amp_dtype=amp)
+            fn = pooled(vit, feature)
+            ft, yt = extract_features(fn, EvalDataset(train_files, train_labels, tf), dev, **kw)
+            fv, yv = extract_features(fn, EvalDataset(val_files, val_labels, tf), dev, **kw)
+            if knn:
+                results["knn"] = {**knn_accuracy(ft, yt, fv, yv, k, temperature, len(classes)), "k": k,
+                                  "temperature": temperature}
+            if probe:
+                results["probe"] = {**linear_probe(ft, yt, fv, yv, len(classes), epochs=probe_epochs),
+                                    "epochs": probe_epochs}
+            del ft, yt, fv, yv
+        vit.cpu()                                   # the fine-tune's processes get the whole device
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if finetune_epochs > 0:
+            results["finetune"] = _finetune(encoder, meta, train, val, finetune_epochs, run_dir, finetune_overrides,
+                                            finetune_config_path, launcher)
+        path = os.path.join(run_dir, "evaluation.json")
+        old = {}
+        if os.path.isfile(path):
+            with open(path, "r", encoding="utf-8") as f:
+                old = json.load(f)
+        same = all(old.get(k) == results[k] for k in ("train", "val", "img_size", "feature"))
+        merged = {**(old if same else {}), **results}     # earlier entries only if they scored the same data
+        atomic_write_json(merged, path)
+        return merged
 
 
 def _finetune(encoder: str, meta: Dict[str, Any], train: str, val: str, epochs: float, run_dir: str,
@@ -164,7 +171,7 @@ def _finetune(encoder: str, meta: Dict[str, Any], train: str, val: str, epochs: 
     save_config(cfg, cfg_path)
     cmd = [*(launcher or [sys.executable]), "-m", "finetune", "--config", cfg_path]
     with open(os.path.join(out, "finetune.log"), "a", encoding="utf-8") as logf:
-        rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
+        rc = run_child(cmd, logf, f"the fine-tune of {encoder} (log {os.path.join(out, 'finetune.log')})")
     if rc != 0:
         raise RunFailed(f"the fine-tune of {encoder} failed (exit {rc}); see {os.path.join(out, 'finetune.log')}")
     with open(os.path.join(out, "summary.json"), "r", encoding="utf-8") as f:
@@ -172,6 +179,34 @@ def _finetune(encoder: str, meta: Dict[str, Any], train: str, val: str, epochs: 
     ev = summary.get("eval") or {}
     return {"top1": ev.get("eval_top1"), "top5": ev.get("eval_top5"), "best_top1": summary.get("best"),
             "epochs": epochs, "run_dir": out, "overrides": list(overrides), "config": config}
+
+
+def check_evaluation(run_dir: str, data: Optional[str], knn: bool, probe: bool, finetune_epochs: float,
+                     feature: str) -> List[str]:
+    """What :func:`evaluate_run` checks before its expensive steps, in its order and with its
+    messages (a ``--dry-run`` reaches the real run's verdict): ``encoder.pth`` (loaded), the
+    feature, the data folders (ImageFolder trees with the same classes). Writes nothing; returns
+    the lines saying what the evaluation would do."""
+    encoder, train, val = _inputs(run_dir, data, feature)
+    _, meta = load_encoder(encoder)
+    kw = meta["model_kwargs"]
+    lines = [f"encoder {encoder}: ViT of width {kw['embed_dim']}, depth {kw['depth']}, patch {kw['patch_size']}, "
+             f"{kw['img_size']} px"]
+    if knn or probe or finetune_epochs > 0:
+        train_files, _, classes = image_folder(train)
+        val_files, _, val_classes = image_folder(val)
+        check_same_classes(classes, val_classes, train, val)
+        lines.append(f"data: {train} ({len(train_files)} images) / {val} ({len(val_files)} images), "
+                     f"{len(classes)} classes")
+    if knn:
+        lines.append(f"would score the weighted kNN rule on the {feature} features")
+    if probe:
+        lines.append(f"would train a linear probe on the {feature} features")
+    if finetune_epochs > 0:
+        lines.append(f"would fine-tune for {finetune_epochs:g} epochs (a python -m finetune run under "
+                     f"{os.path.join(run_dir, 'eval_finetune')})")
+    lines.append(f"would merge the results into {os.path.join(run_dir, 'evaluation.json')}")
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -191,15 +226,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--finetune-config", help="fine-tuning YAML to start from (default: the finetune defaults)")
     ap.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of the fine-tuning config (repeatable), e.g. train.batch_size=128")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check encoder.pth and the data folders, print what would be done and exit (no features "
+                         "are extracted, nothing is written)")
     args = ap.parse_args(argv)
     res: dict = {}
+    if args.dry_run:
+        def dry() -> None:
+            lines = check_evaluation(args.run_dir, args.data, not args.no_knn, not args.no_probe,
+                                     args.finetune_epochs, args.feature)
+            print("\n".join([*lines, "dry run: the encoder and the data check out; nothing was extracted or written"]))
+        return run_cli(dry)
 
     def main_() -> None:
         res.update(evaluate_run(args.run_dir, args.data, not args.no_knn, not args.no_probe, args.finetune_epochs,
                                 args.finetune_set, args.finetune_config, args.k, args.temperature, args.feature,
                                 args.batch_size, args.workers, args.probe_epochs, args.device))
 
-    rc = run_cli(main_)
+    signals = StopSignals().install()      # SIGTERM too stops without a traceback (exit 143)
+    try:
+        rc = run_cli(main_)
+    finally:
+        signals.restore()
     if rc:
         return rc
     done = [k for k, on in (("knn", not args.no_knn), ("probe", not args.no_probe),

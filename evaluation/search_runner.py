@@ -147,10 +147,9 @@ class ProxyRunner:
         the final size the config trains at. Sets the cache context (the resolved config)."""
         p = self.proxy
         if p.demo:
-            from pretrain.demo_data import demo_dataset_exists, generate_demo_dataset
+            from pretrain.demo_data import generate_demo_dataset
 
-            if not demo_dataset_exists(p.data):
-                generate_demo_dataset(p.data, reuse_any=True)
+            generate_demo_dataset(p.data, reuse_any=True, key="data")   # keeps any set of ours; refuses other folders
         self._check_data()
         final = max(p.sizes)
         probe = et_schedule(sorted(p.sizes) + [final], p.max_magnitude, name=f"{p.name}-check")

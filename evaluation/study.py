@@ -20,7 +20,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import yaml
 from engine.checkpoint import atomic_write_json
 from engine.config import ConfigError, join_key, load_config
 from engine.errors import RunFailed
+from engine.stops import RunLock, StopSignals, run_child
 
 KINDS = ("pretrain", "supervised")
 
@@ -287,7 +287,7 @@ def run_arm(study: StudyConfig, arm: ArmConfig, seed: int, log: Callable[[str], 
         f"log {os.path.join(run_dir, 'train.log')}")
     t0 = time.time()
     with open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8") as logf:
-        rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
+        rc = run_child(cmd, logf, f"arm {arm.name!r} seed {seed} (log {os.path.join(run_dir, 'train.log')})")
     if rc != 0:
         raise RunFailed(f"arm {arm.name!r} seed {seed} failed (exit {rc}); see {os.path.join(run_dir, 'train.log')}. "
                            "Running the same command again resumes it.")
@@ -498,12 +498,25 @@ def _plot(report: Dict[str, Any], metrics: List[str], path: str) -> None:
 
 def run_study(study: StudyConfig, command: str, log: Callable[[str], None] = print,
               only: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Run every (arm, seed) in order (finished ones are read back), then write the report."""
-    os.makedirs(study.out(), exist_ok=True)
+    """Run every (arm, seed) in order (finished ones are read back), then write the report. One
+    study per output folder (its lock); a signal stops the arm in training cleanly (it saves its
+    step) and the study with it, so the same command continues where it stopped."""
     unknown = sorted(set(only or []) - {a.name for a in study.arms})
     if unknown:
         raise ConfigError(f"--only: unknown arm(s) {unknown}; the study has {[a.name for a in study.arms]}")
     check_arms(study)
+    with RunLock(study.out(), command) as lock:
+        signals = StopSignals().install()       # between the arms' runs: stop at once, no traceback
+        try:
+            if lock.notice:
+                log(f"[study] {lock.notice}")
+            return _run_arms(study, command, log, only)
+        finally:
+            signals.restore()
+
+
+def _run_arms(study: StudyConfig, command: str, log: Callable[[str], None],
+              only: Optional[Sequence[str]]) -> Dict[str, Any]:
     records = []
     for arm in study.arms:
         for seed in arm.seeds or study.seeds:

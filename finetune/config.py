@@ -87,7 +87,8 @@ class ClassifierDataConfig:
                                           # at the stage size) | downsample (bicubic on the device)
     replay_chunks: int = 32               # replay stages: chunks each loader micro-batch is stored as; replayed
                                           # chunks are drawn uniformly (official: 32; must divide the micro-batch)
-    demo: bool = False                    # generate the bundled demo set at `path` if missing
+    demo: bool = False                    # generate the bundled demo set at `path` if missing; an existing folder
+                                          # it did not generate is refused, never replaced
 
     def validate(self, where: str) -> None:
         if not self.path:

@@ -19,7 +19,8 @@ from engine.optim import describe_groups, param_groups_layer_decay
 from engine.progressive import GrowthController
 from engine.run import Run, RunOptions, cli_main
 from engine.trainer import CurriculumTrainer, check_plan_fits
-from pretrain.demo_data import demo_dataset_exists, generate_demo_dataset
+from pretrain.demo_data import (DEFAULT_IMAGES, demo_dataset_exists, demo_dataset_status, demo_notice,
+                                generate_demo_dataset)
 
 from .config import FinetuneConfig
 from .models import (classifier_depth, create_classifier, init_head, load_pretrained, make_linear_probe,
@@ -89,6 +90,8 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
         growth = make_growth(cfg, model, cur, log) if cfg.growth.enabled else None
         if growth is not None:
             cur = growth.curriculum(cur.stages[-1].magnitude)
+        else:
+            cur = t.stage_accumulation(cur, dist.world_size, d.replay_chunks)
         odd = sorted({s.size for s in cur.stages if swin_official and s.size % 32})
         if odd:
             raise ConfigError(f"curriculum {cur.name!r} gives Swin the input sizes {odd}, which are not multiples of "
@@ -104,11 +107,14 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
             if odd:
                 raise ConfigError(f"data.mixup / data.cutmix mix pairs of samples and need an even per-process "
                                   f"micro-batch; stage(s) {odd} of this run have an odd one: choose train.batch_size "
-                                  "(or train.per_gpu_batch_size) so that it is even, or set data.mixup=0 data.cutmix=0")
+                                  "(or train.per_gpu_batch_size) so that it is even (train.accum_by_stage=false keeps the "
+                                  "accumulation of every stage), or set data.mixup=0 data.cutmix=0")
         r.find_resume(to_dict(cfg))
         # any demo set there will do (the pretraining demo's)
-        if d.demo and not r.demo_data_ready(lambda: demo_dataset_exists(d.path),
-                                            lambda: generate_demo_dataset(d.path, reuse_any=True), d.path):
+        if d.demo and not r.demo_data_ready(
+                lambda: demo_dataset_exists(d.path), lambda: generate_demo_dataset(d.path, reuse_any=True), d.path,
+                check=lambda: demo_dataset_status(d.path, reuse_any=True),
+                notice=lambda verdict: demo_notice(d.path, verdict, DEFAULT_IMAGES, dry_run=True)):
             return {"dry_run": True, "run_dir": r.dir}
         val_files, val_labels, classes = image_folder(os.path.join(d.path, d.val_dir), "data.path + data.val_dir")
         check_num_classes(cfg, classes)
@@ -142,7 +148,8 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
         if growth is not None:
             growth.attach(task, task.subset_loss)
         trainer = CurriculumTrainer(t, model, task, plan, dist, r.dir, to_dict(cfg), len(train_files),
-                                    optimizer=optimizer, resume=r.resume,
+                                    optimizer=optimizer, resume=r.resume, signals=r.signals,
+                                    flops_ratio=(savings or {}).get("flops_ratio"),
                                     baseline_epochs=cfg.curriculum.baseline_epochs or cfg.curriculum.epochs)
         r.resume = None
         result = trainer.fit()

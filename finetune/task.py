@@ -3,6 +3,7 @@ supervised curriculum training share it)."""
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -15,8 +16,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from efficienttrain.curriculum import PlannedStage, StepInfo
 from efficienttrain.fourier import downsample, low_frequency_crop
 from engine.config import ConfigError
-from engine.data import EvalDataset, Normalizer, eval_transform
+from engine.data import EvalDataset, Normalizer, check_shared_memory, eval_transform
 from engine.distributed import DistInfo
+from engine.stops import ignore_stop_signals
 from engine.trainer import Prepared, RunBatches
 
 from .config import FinetuneConfig
@@ -111,7 +113,8 @@ class ClassificationTask:
                    if self.dist.enabled else None)
         return torch.utils.data.DataLoader(val, batch_size=max(1, min(256, self.cfg.train.batch_size)),
                                            sampler=sampler, num_workers=self.cfg.data.num_workers,
-                                           pin_memory=self.dist.device.type == "cuda")
+                                           pin_memory=self.dist.device.type == "cuda",
+                                           worker_init_fn=ignore_stop_signals)
 
     def make_loader(self, batches: RunBatches) -> torch.utils.data.DataLoader:
         d = self.cfg.data
@@ -119,9 +122,13 @@ class ClassificationTask:
                                     d.scale, d.hflip, seed=self.cfg.train.seed,
                                     lanczos_to_stage=d.lowfreq == "cpu-lanczos")
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919)
+        if isinstance(batches, RunBatches):    # the workers' batches in flight must fit in /dev/shm
+            check_shared_memory(d.num_workers, 2, batches.max_micro_batch(), 3 * self.cfg.model.img_size ** 2 + 8,
+                                int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size)))
         return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=d.num_workers,
                                            collate_fn=collate_train, generator=gen,
-                                           pin_memory=self.dist.device.type == "cuda")
+                                           pin_memory=self.dist.device.type == "cuda",
+                                           worker_init_fn=ignore_stop_signals)
 
     def prepare_stage(self, model: nn.Module, ps: PlannedStage,
                       optimizer: Optional[torch.optim.Optimizer] = None) -> bool:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
 from engine.config import ConfigError, join_key
+from engine.decode import DALI_INSTALL, dali_available
 from engine.progressive import GrowthConfig
 from engine.trainer import TrainConfig
 from evaluation.knn import KNNConfig
@@ -67,8 +68,10 @@ class ModelConfig:
 class DataConfig:
     path: str = ""                        # image folder (ImageFolder or flat tree), a .txt list of paths, or tar shards
     num_workers: int = 8                  # loader worker processes per training process (0: load in the main process)
-    decode: str = "auto"                  # cpu (PIL in the workers) | device (workers read bytes; decode + crop on
-                                          # the training device) | auto (device when training on CUDA)
+    decode: str = "auto"                  # cpu (PIL in the workers) | dali (workers read bytes + draw the crop; NVIDIA
+                                          # DALI decodes the crop in the training process: nvJPEG on CUDA, its CPU
+                                          # backend otherwise) | auto (dali on CUDA when installed, else cpu);
+                                          # device: the former name of dali
     scale: List[float] = field(default_factory=lambda: [0.2, 1.0])   # RandomResizedCrop scale
     lowfreq: Literal["fft", "cpu-lanczos", "downsample"] = "fft"   # shrink to the stage size: fft (low-frequency
                                                                    # crop on the device) | cpu-lanczos (official ET++
@@ -77,7 +80,8 @@ class DataConfig:
     downsample_mode: Literal["bilinear", "bicubic", "area", "nearest"] = "bicubic"   # interpolation for lowfreq=downsample
     replay_chunks: int = 32               # replay stages: chunks each loader micro-batch is stored as; replayed
                                           # chunks are drawn uniformly (official: 32; must divide the micro-batch)
-    demo: bool = False                    # generate the bundled demo set at `path` if it is missing
+    demo: bool = False                    # generate the bundled demo set at `path` if it is missing; an existing
+                                          # folder it did not generate is refused, never replaced
     demo_images: int = 1200               # images in the generated demo set (data.demo=true)
 
     def validate(self, where: str) -> None:
@@ -87,19 +91,23 @@ class DataConfig:
             raise ConfigError(f"{where}.scale must be [min, max] with 0 < min <= max <= 1, got {self.scale}")
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"{where}.decode: {self.decode!r} is not allowed; allowed: {', '.join(DECODE_MODES)}")
-        if self.decode == "device" and self.lowfreq == "cpu-lanczos":
-            raise ConfigError(f"{where}.decode=device cannot be combined with {where}.lowfreq=cpu-lanczos (the "
+        if self.decode in ("dali", "device") and self.lowfreq == "cpu-lanczos":
+            raise ConfigError(f"{where}.decode={self.decode} cannot be combined with {where}.lowfreq=cpu-lanczos (the "
                               "Lanczos resize runs in the workers on decoded images); use decode=cpu, or lowfreq=fft")
+        if self.decode in ("dali", "device") and not dali_available():
+            raise ConfigError(f"{where}.decode={self.decode}: NVIDIA DALI is not installed; {DALI_INSTALL}, "
+                              f"or use {where}.decode=cpu (PIL in the loader workers) or auto")
         if self.replay_chunks < 1:
             raise ConfigError(f"{where}.replay_chunks must be >= 1, got {self.replay_chunks}")
         if self.num_workers < 0:
             raise ConfigError(f"{where}.num_workers must be >= 0, got {self.num_workers}")
 
     def decode_on(self, device) -> str:
-        """The decode path for a run on ``device`` (``auto``: the device path on CUDA)."""
+        """The decode path (``cpu`` or ``dali``) for a run on ``device``: ``auto`` is DALI on CUDA when
+        it is installed (a GPU otherwise waits for PIL), PIL on a CPU machine; ``device`` is DALI."""
         if self.decode == "auto":
-            return "device" if device.type == "cuda" and self.lowfreq != "cpu-lanczos" else "cpu"
-        return self.decode
+            return "dali" if device.type == "cuda" and self.lowfreq != "cpu-lanczos" and dali_available() else "cpu"
+        return "dali" if self.decode == "device" else self.decode
 
 
 @dataclass

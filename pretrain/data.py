@@ -1,5 +1,5 @@
-"""MAE pretraining data: position-seeded RandomResizedCrop + flip, decoded on CPU workers or on the
-training device.
+"""MAE pretraining data: position-seeded RandomResizedCrop + flip, decoded by PIL in the CPU workers
+or by NVIDIA DALI in the training process.
 
 Augmentation (MAE): RandomResizedCrop to the FINAL size (scale 0.2-1, ratio 3/4-4/3, bicubic) and
 a horizontal flip, both drawn from an RNG seeded by the sample's stream position, so resumed runs
@@ -8,10 +8,11 @@ are exact and the two decode paths crop identically:
 - ``decode=cpu``: workers decode with PIL, crop, resize and flip; batches leave them as uint8
   [N, 3, S, S]. With ``lowfreq=cpu-lanczos`` (the official ET++ approximation) they also
   Lanczos-resize to the stage size, which travels with every sample key.
-- ``decode=device``: workers read the file bytes and the JPEG header only (image size, for the
-  crop box) and send an :class:`engine.decode.EncodedBatch`; the training process decodes and
-  crops on its device (:class:`engine.decode.DeviceDecoder`). Non-JPEG and CMYK files take the
-  CPU path in the worker; images the device decoder refuses take it in the training process.
+- ``decode=dali``: workers read the file bytes and the JPEG header only (image size, for the
+  crop box) and send an :class:`engine.decode.EncodedBatch`; a DALI pipeline in the training
+  process decodes the box, resizes and flips it (:class:`engine.decode.DaliDecoder`; nvJPEG on
+  CUDA, DALI's CPU backend otherwise). Non-JPEG, CMYK and truncated files take the CPU path in
+  the worker; JPEGs DALI refuses take it in the training process.
 
 Normalisation and the low-frequency crop to the stage size happen on the device (the task).
 """
@@ -26,9 +27,10 @@ import torch
 from PIL import Image
 
 from engine.data import SkippingImageDataset, decode_rgb
-from engine.decode import EncodedSample, collate_encoded, jpeg_header
+from engine.decode import EncodedSample, collate_encoded, jpeg_complete, jpeg_header
 
-DECODE_MODES = ("auto", "cpu", "device")
+DECODE_MODES = ("auto", "cpu", "dali", "device")     # device: the former name of dali (old configs, checkpoints)
+DATASET_DECODES = ("cpu", "dali")
 
 
 def rrc_params(rng: random.Random, width: int, height: int, scale: Sequence[float],
@@ -63,15 +65,16 @@ Key = Tuple[int, int, float, int]     # (dataset index, stream position, magnitu
 class MAEPretrainDataset(SkippingImageDataset):
     """Indexed by sample keys (dataset index, stream position, magnitude, stage size).
 
-    ``decode='cpu'``: returns (uint8 image, files skipped); ``decode='device'``: returns an
-    :class:`engine.decode.EncodedSample`. Use :meth:`collate` for either.
+    ``decode='cpu'``: returns (uint8 image, files skipped); ``decode='dali'`` (or its former name
+    ``'device'``): returns an :class:`engine.decode.EncodedSample`. Use :meth:`collate` for either.
     """
 
     def __init__(self, source, size: int, scale: Sequence[float] = (0.2, 1.0), seed: int = 0,
                  lanczos_to_stage: bool = False, decode: str = "cpu") -> None:
         super().__init__(source)
-        if decode not in ("cpu", "device"):
-            raise ValueError(f"decode must be 'cpu' or 'device', got {decode!r}")
+        decode = "dali" if decode == "device" else decode
+        if decode not in DATASET_DECODES:
+            raise ValueError(f"decode must be one of {DATASET_DECODES}, got {decode!r}")
         self.size, self.scale, self.seed = size, tuple(scale), seed
         self.lanczos_to_stage, self.decode = lanczos_to_stage, decode
 
@@ -98,7 +101,8 @@ class MAEPretrainDataset(SkippingImageDataset):
         return self.crop_resize_flip(img, position, stage_size), skipped
 
     def encoded_item(self, idx: int, position: int) -> EncodedSample:
-        """Bytes + crop for JPEGs the device decodes; the CPU path's result for anything else."""
+        """Bytes + crop for JPEGs DALI decodes; the CPU path's result for anything else (not JPEG,
+        CMYK, or no end-of-image marker: PIL decides about truncated files, as on the CPU path)."""
         n = len(self.source)
         for skipped in range(self.max_skips + 1):
             i = (idx + skipped) % n
@@ -108,9 +112,10 @@ class MAEPretrainDataset(SkippingImageDataset):
                 self.warn_unreadable(i, e)
                 continue
             header = jpeg_header(data)
-            if header is not None and header.device_decodable:
+            if header is not None and header.device_decodable and jpeg_complete(data):
                 box, flip = self.augmentation(header.width, header.height, position)
-                return EncodedSample(np.frombuffer(data, dtype=np.uint8), box, flip, i, position, skipped)
+                return EncodedSample(np.frombuffer(data, dtype=np.uint8), box, flip, i, position, skipped,
+                                     hw=(header.height, header.width))
             try:
                 img = decode_rgb(data)
             except Exception as e:  # unreadable: skip and count, as the CPU path
@@ -122,16 +127,16 @@ class MAEPretrainDataset(SkippingImageDataset):
 
     def __getitem__(self, key: Key) -> Union[Tuple[torch.Tensor, int], EncodedSample]:
         idx, pos, size = key[0], key[1], key[3]   # MAE augmentation has no magnitude (key[2])
-        if self.decode == "device":
+        if self.decode == "dali":
             return self.encoded_item(idx, pos)
         return self.cpu_item(idx, pos, size if self.lanczos_to_stage else None)
 
     def fallback(self, idx: int, position: int) -> Tuple[torch.Tensor, int]:
-        """The CPU path for a file the device decoder refused (see :class:`engine.decode.DeviceDecoder`)."""
+        """The CPU path for a file DALI refused (see :class:`engine.decode.DaliDecoder`)."""
         return self.cpu_item(idx, position)
 
     def collate(self, items: List) -> tuple:
-        if self.decode == "device":
+        if self.decode == "dali":
             return tuple(collate_encoded(items))
         return collate(items)
 

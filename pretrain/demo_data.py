@@ -5,20 +5,24 @@ power-law size distribution, the classic model of natural-image statistics) with
 striped foreground object on top. The label is the object's shape (disc, square, triangle,
 cross); each class also has its own stripe direction (0, 45, 90, 135 degrees, jittered) and
 stripe colour family (red, green, blue, yellow, jittered; the background uses every colour),
-cues that a small model fine-tuned for a minute or two picks up, so the demo learns something. Layout: ``root/{train,val}/<class>/*.png``.
+cues that a small model fine-tuned for a minute or two picks up, so the demo learns something. Layout:
+``root/{train,val}/<class>/*.png``. It is written only where nothing exists or into a set it
+generated (:mod:`engine.generated`): a user's folder is refused, never replaced.
 """
 from __future__ import annotations
 
 import os
-import shutil
+import re
 from typing import Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from engine.data import DataError
+from engine.generated import Generated, build, check_removable, check_target, is_default
 
 CLASSES = ("disc", "square", "triangle", "cross")
+DEFAULT_PATH = "data/demo"   # the demo configs' data.path
+DEFAULT_IMAGES = 1200
 _STAMP = ".complete"
 DEMO_VERSION = 2   # bump when the generator changes, so existing demo sets are regenerated
 
@@ -77,33 +81,94 @@ def demo_dataset_exists(root: str) -> bool:
     return os.path.isfile(os.path.join(root, _STAMP))
 
 
-def generate_demo_dataset(root: str, num_images: int = 1200, size: int = 96, val_fraction: float = 0.2,
-                          seed: int = 0, reuse_any: bool = False) -> str:
-    """Write the demo set under ``root`` (idempotent: a finished set is left alone; one generated
-    with other parameters is regenerated, unless ``reuse_any``: a caller that only needs some
-    demo set, like the fine-tuning demo, keeps the one it finds). Returns root."""
-    stamp = f"demo v{DEMO_VERSION}: {num_images} images, size {size}, seed {seed}\n"
+_FILE = re.compile(r"(train|val)/(" + "|".join(CLASSES) + r")/\d{5}\.png")
+
+
+def _legacy(root: str) -> bool:
+    """A finished set written before the marker existed (its stamp; :func:`generated.check_target`
+    also requires that it holds only the generator's files)."""
+    try:
+        with open(os.path.join(root, _STAMP)) as f:
+            return f.read().startswith("demo v")
+    except OSError:
+        return False
+
+
+def generator(key: str = "data.path") -> Generated:
+    """The demo image generator as the setting ``key`` names its folder (``data.path`` in training
+    configs, ``data`` in a search's proxy config): the setting's ``demo`` sibling asks for it."""
+    demo = key.rsplit(".", 1)[0] + ".demo" if "." in key else "demo"
+    return Generated(what="demo set", key=key, by=f"{demo}=true",
+                     advice=f"set {demo}=false to use that folder as your data, or choose another {key} for the "
+                            "demo set (a folder that does not exist yet)",
+                     owns=lambda rel: rel == _STAMP or _FILE.fullmatch(rel) is not None, legacy=_legacy)
+
+
+def _stamp(num_images: int, size: int, seed: int) -> str:
+    return f"demo v{DEMO_VERSION}: {num_images} images, size {size}, seed {seed}\n"
+
+
+def demo_dataset_status(root: str, num_images: int = DEFAULT_IMAGES, size: int = 96, seed: int = 0,
+                        reuse_any: bool = False, key: str = "data.path") -> str:
+    """What :func:`generate_demo_dataset` would do at ``root``, without writing: ``"ready"`` (a set
+    it keeps), ``"missing"`` (it generates one) or ``"regenerate"`` (it replaces an older set of
+    ours); raises :class:`DataError` where it would refuse (a path it did not generate, or a set of
+    ours holding a user's file). A dry run's verdict is the real run's."""
+    gen = generator(key)
+    if check_target(root, gen) == "missing":
+        return "missing"
     stamp_path = os.path.join(root, _STAMP)
     if os.path.isfile(stamp_path):
         with open(stamp_path) as f:
-            if reuse_any or f.read() == stamp:
-                return root
-        shutil.rmtree(root)          # an older or different demo set: regenerate it
-    elif os.path.isdir(root) and os.listdir(root):
-        raise DataError(f"data.path {root!r} exists and is not a generated demo set, but data.demo=true would "
-                        "generate one there; set data.demo=false to train on that folder, or choose another "
-                        "data.path for the demo set")
-    print(f"generating the demo image set in {root} ({num_images} images) ...", flush=True)
-    rng = np.random.default_rng(seed)
-    n_val = int(num_images * val_fraction)
-    for k in range(num_images):
-        split = "val" if k < n_val else "train"
-        label = k % len(CLASSES)
-        img = _dead_leaves(rng, size)
-        _foreground(rng, img, label)
-        folder = os.path.join(root, split, CLASSES[label])
-        os.makedirs(folder, exist_ok=True)
-        img.save(os.path.join(folder, f"{k:05d}.png"))
-    with open(stamp_path, "w") as f:
-        f.write(stamp)
+            if reuse_any or f.read() == _stamp(num_images, size, seed):
+                return "ready"
+    check_removable(root, gen)
+    return "regenerate"
+
+
+def demo_notice(root: str, status: str, num_images: int, key: str = "data.path", dry_run: bool = False) -> str:
+    """The one line said before the set is written (or, in a dry run, that it would be): the
+    absolute path and that the pictures are synthetic; louder when ``root`` is not the demo
+    configs' own ``data/demo`` (a user's path: the pictures are not their data)."""
+    where = os.path.abspath(root)
+    verb = {"missing": "generate", "regenerate": "regenerate"}[status]
+    why = "; the set there is of an older version or other settings" if status == "regenerate" else ""
+    head = (f"dry run: the real run would {verb}" if dry_run else f"{verb[:-1]}ing") + \
+        f" the synthetic demo image set in {where} ({num_images} images{why})"
+    if is_default(root, DEFAULT_PATH):
+        return head + ("" if dry_run else " ...")
+    demo = key.rsplit(".", 1)[0] + ".demo" if "." in key else "demo"
+    return (f"{head}: {key} is not the demo's own {DEFAULT_PATH}, and {demo}=true writes synthetic pictures there, "
+            f"not your data (set {demo}=false to train on images of yours)" + ("" if dry_run else " ..."))
+
+
+def generate_demo_dataset(root: str, num_images: int = DEFAULT_IMAGES, size: int = 96,
+                          val_fraction: float = 0.2, seed: int = 0, reuse_any: bool = False,
+                          key: str = "data.path") -> str:
+    """Write the demo set under ``root`` (idempotent: a finished set is left alone; one generated
+    with other parameters is regenerated, unless ``reuse_any``: a caller that only needs some
+    demo set, like the fine-tuning demo, keeps the one it finds). Writes only where nothing exists
+    or into a set it generated (:mod:`engine.generated`); anything else raises :class:`DataError`
+    naming ``key``, before anything is written. Returns root."""
+    status = demo_dataset_status(root, num_images, size, seed, reuse_any, key)
+    if status == "ready":
+        return root
+    print(demo_notice(root, status, num_images, key), flush=True)
+
+    def write(folder: str) -> None:
+        rng = np.random.default_rng(seed)
+        n_val = int(num_images * val_fraction)
+        for k in range(num_images):
+            split = "val" if k < n_val else "train"
+            label = k % len(CLASSES)
+            img = _dead_leaves(rng, size)
+            _foreground(rng, img, label)
+            sub = os.path.join(folder, split, CLASSES[label])
+            os.makedirs(sub, exist_ok=True)
+            img.save(os.path.join(sub, f"{k:05d}.png"))
+        with open(os.path.join(folder, _STAMP), "w") as f:     # last: the set is complete
+            f.write(_stamp(num_images, size, seed))
+
+    build(root, generator(key), write,
+          ready=lambda p: demo_dataset_status(p, num_images, size, seed, reuse_any, key) == "ready")
     return root

@@ -40,7 +40,14 @@ class HOGTarget(nn.Module):
 
     @torch.no_grad()
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] (normalised images) -> [N, (H/p)*(W/p), dim] per-patch targets."""
+        """[N, C, H, W] (normalised images) -> [N, (H/p)*(W/p), dim] per-patch targets, in float32
+        whatever autocast is active (the training step runs under bf16 / fp16 autocast on a GPU: the
+        gradients and orientation bins of a target must not be rounded, and a half-precision
+        magnitude cannot be scattered into the float32 histogram)."""
+        with torch.autocast(imgs.device.type, enabled=False):
+            return self._hog(imgs)
+
+    def _hog(self, imgs: torch.Tensor) -> torch.Tensor:
         N, C, H, W = imgs.shape
         p, c = self.patch_size, self.cell
         if C != self.in_chans or H % p or W % p:

@@ -18,7 +18,7 @@ from engine.run import Run, RunOptions, cli_main
 from engine.trainer import CurriculumTrainer, check_plan_fits
 
 from .config import PretrainConfig
-from .demo_data import demo_dataset_exists, generate_demo_dataset
+from .demo_data import demo_dataset_exists, demo_dataset_status, demo_notice, generate_demo_dataset
 from .models_mae import create_mae
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
@@ -73,11 +73,16 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
     knn.train, knn.val = (p.replace("{data.path}", cfg.data.path) for p in (knn.train, knn.val))
     with Run(cfg, run_name, opts) as r:
         dist, log = r.dist, r.log
+        if not cfg.growth.enabled:           # growth sets its own sizes per step
+            cur = t.stage_accumulation(cur, dist.world_size, cfg.data.replay_chunks)
         check_plan_fits(cur.plan(cfg.curriculum.epochs, 1, t.batch_size, t.accum_steps), dist.world_size,
                         cfg.data.replay_chunks)
         r.find_resume(to_dict(cfg))
-        if cfg.data.demo and not r.demo_data_ready(lambda: demo_dataset_exists(cfg.data.path), lambda: (
-                generate_demo_dataset(cfg.data.path, cfg.data.demo_images)), cfg.data.path):
+        d = cfg.data
+        if d.demo and not r.demo_data_ready(
+                lambda: demo_dataset_exists(d.path), lambda: generate_demo_dataset(d.path, d.demo_images), d.path,
+                check=lambda: demo_dataset_status(d.path, d.demo_images),
+                notice=lambda verdict: demo_notice(d.path, verdict, d.demo_images, dry_run=True)):
             return {"dry_run": True, "run_dir": r.dir}
         data_path = os.path.join(cfg.data.path, "train") if cfg.data.demo else cfg.data.path
         source = open_image_source(data_path)
@@ -111,10 +116,11 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
         task = MAETask(cfg, source, dist)
         if growth is not None:
             growth.attach(task, task.subset_loss)
-        log(f"decode on {task.decode}")
+        log(f"decode on {task.decode_description}")
         r.write_files(cur, plan, savings)
         trainer = CurriculumTrainer(t, model, task, plan, dist, r.dir, to_dict(cfg), len(source),
-                                    baseline_epochs=baseline, resume=r.resume)
+                                    baseline_epochs=baseline, resume=r.resume, signals=r.signals,
+                                    flops_ratio=(savings or {}).get("flops_ratio"))
         r.resume = None                 # the trainer holds it now; free the loaded tensors with it
         result = trainer.fit()
         if dist.is_main and result["step"] > 0 and (result["trained_steps"] or not os.path.isfile(

@@ -10,9 +10,10 @@ import torch.nn as nn
 
 from efficienttrain.curriculum import PlannedStage, StepInfo
 from efficienttrain.fourier import downsample, low_frequency_crop
-from engine.data import DataError, ImageSource, Normalizer
-from engine.decode import DeviceDecoder, EncodedBatch
+from engine.data import DataError, ImageSource, Normalizer, check_shared_memory
+from engine.decode import DaliDecoder, DecodeAhead, EncodedBatch
 from engine.distributed import DistInfo
+from engine.stops import ignore_stop_signals
 from engine.trainer import Prepared, RunBatches
 from evaluation.knn import KNNMonitor
 
@@ -37,13 +38,13 @@ class MAETask:
         self.dataset = MAEPretrainDataset(source, cfg.model.img_size, d.scale, seed=cfg.train.seed,
                                           lanczos_to_stage=d.lowfreq == "cpu-lanczos", decode=self.decode)
         self.decoder = None
-        if self.decode == "device":
-            self.decoder = DeviceDecoder(cfg.model.img_size, dist.device, self.dataset.fallback)
+        if self.decode == "dali":
             try:
+                self.decoder = DaliDecoder(cfg.model.img_size, dist.device, self.dataset.fallback)
                 self.decoder.check()
             except RuntimeError as e:
                 if d.decode != "auto":
-                    raise DataError(f"data.decode=device: {e}; use data.decode=cpu") from None
+                    raise DataError(f"data.decode={d.decode}: {e}; use data.decode=cpu") from None
                 warnings.warn(f"{e}; data.decode=auto decodes with PIL in the loader workers instead")
                 self.decode, self.decoder = "cpu", None
                 self.dataset.decode = "cpu"
@@ -93,10 +94,15 @@ class MAETask:
         # own generator: creating the loader must not consume the global RNG (masking noise), or a
         # resumed run would diverge from an uninterrupted one
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919)
-        return torch.utils.data.DataLoader(
+        if isinstance(batches, RunBatches):    # the workers' batches in flight must fit in /dev/shm
+            check_shared_memory(d.num_workers, 4, batches.max_micro_batch(), 3 * self.cfg.model.img_size ** 2,
+                                int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size)))
+        loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches, num_workers=d.num_workers, collate_fn=self.dataset.collate,
             generator=gen, pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if d.num_workers > 0 else None)
+            prefetch_factor=4 if d.num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
+        # DALI: each batch's decode starts while the previous batch trains (the trainer sees plain batches)
+        return DecodeAhead(loader, self.decoder) if self.decoder is not None else loader
 
     def on_stage_start(self, model: MaskedAutoencoderViT, ps: PlannedStage) -> None:
         # growth: sizes change per step; tables of sizes not prepared are built in the forward pass
@@ -114,7 +120,8 @@ class MAETask:
         raise RuntimeError(f"lowfreq={lowfreq}: the loader should already deliver {size}px images, got {x.shape[-1]}")
 
     def prepare(self, batch: Tuple[torch.Tensor, ...], info: StepInfo) -> Prepared:
-        """Decode (device path), low-frequency crop in 0..255 space, then normalise the smaller tensor."""
+        """Decode (DALI path: the result of the decode :class:`DecodeAhead` started), low-frequency
+        crop in 0..255 space, then normalise the smaller tensor."""
         skipped = 0
         if self.decoder is not None:
             imgs, skipped = self.decoder(EncodedBatch(*batch, bad=None))
@@ -138,6 +145,14 @@ class MAETask:
             return self.knn(lambda x: model.forward_features(x, self.cfg.eval.knn.feature), amp)
         finally:
             model.train(was_training)
+
+    @property
+    def decode_description(self) -> str:
+        """The decode path for the run log: PIL in the workers, or DALI with its version and backend."""
+        if self.decoder is None:
+            return "cpu (PIL in the loader workers)"
+        alias = " (data.decode=device is its former name)" if self.cfg.data.decode == "device" else ""
+        return f"dali: {self.decoder.backend}{alias}"
 
     def metrics(self) -> Dict[str, float]:
         if self.decoder is None:

@@ -196,3 +196,32 @@ def test_bundled_yaml_curricula():
     assert replay.speedup(200, 300) == pytest.approx(1.5)
     plan = replay.plan(epochs=200, dataset_size=1_281_167, batch_size=4096)
     assert plan.stages[0].loader_batch_size == 1024 and plan.stages[0].data_epochs == pytest.approx(108.888 / 4, abs=1e-3)
+
+
+def test_stage_accumulation_follows_pixels_and_even_splits():
+    """ET++ at 224 with 8 micro-steps on 8 processes (batch 4096): 96 px needs
+    ceil(8 * (96/224)^2) = ceil(1.47) = 2 micro-steps; 160 px ceil(4.08) = 5, but 4096 does not
+    split into 5, 6 or 7 x 8 processes: 8. A stage's own accum_steps is kept; accum 1 changes nothing."""
+    from dataclasses import replace
+
+    from efficienttrain.curriculum import get_curriculum, with_stage_accumulation
+
+    cur = get_curriculum("etpp", 224, 16)
+    got = with_stage_accumulation(cur, 8, 4096, 8)
+    assert [(s.size, s.accum_steps) for s in got.stages] == [(96, 2)] * 2 + [(160, 8)] * 4 + [(224, 8)] * 4
+    assert with_stage_accumulation(cur, 1, 4096, 8) is cur
+    own = replace(cur, stages=(replace(cur.stages[0], accum_steps=8), *cur.stages[1:]))
+    assert with_stage_accumulation(own, 8, 4096, 8).stages[0].accum_steps == 8
+    # batch 1200 on one process, accum 6: 96 px ceil(1.10) = 2 (1200 / 2 = 600 per micro-step, 600 x 96^2
+    # pixels <= 200 x 224^2); 160 px ceil(3.06) = 4 (1200 / 4 = 300)
+    got = with_stage_accumulation(cur, 6, 1200, 1)
+    assert [s.accum_steps for s in got.stages] == [2] * 2 + [4] * 4 + [6] * 4
+    for st in got.stages:                                   # never more pixels per micro-step than at 224
+        assert 1200 // st.accum_steps * st.size ** 2 <= 1200 // 6 * 224 ** 2
+    plan = got.plan(10, 5000, 1200, 6)
+    assert [ps.accum_steps for ps in plan.stages] == [2] * 2 + [4] * 4 + [6] * 4
+    # a replay stage's loader micro-batch must also split into the replay chunks: batch 1200 with
+    # replay 4 loads 300; 300 / 2 = 150 is not a multiple of 32 chunks, 300 / 3 neither ... 6: 50 no -> 6
+    rep = replace(cur, stages=(replace(cur.stages[0], replay_times=4, replay_buffer=2), *cur.stages[1:]))
+    assert with_stage_accumulation(rep, 6, 1200, 1, replay_chunks=32).stages[0].accum_steps == 6
+    assert with_stage_accumulation(rep, 6, 1200, 1, replay_chunks=2).stages[0].accum_steps == 2

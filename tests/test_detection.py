@@ -764,6 +764,140 @@ def test_prediction_picture_draws_boxes_masks_and_labels_where_the_predictions_a
         draw_predictions([], ("a",), str(tmp_path / "q.png"))
 
 
+def _snapshot(folder):
+    """Every file under ``folder`` (relative path -> bytes): what must survive a refused call."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def users_coco(tmp_path):
+    """The reported folder: a real image, the user's instances_train2017.json and a note, no
+    instances_val2017.json (what made the old generator replace it)."""
+    from PIL import Image
+    folder = tmp_path / "mycoco"
+    (folder / "annotations").mkdir(parents=True)
+    (folder / "train2017").mkdir()
+    Image.new("RGB", (32, 24), (120, 30, 60)).save(folder / "train2017" / "000000000139.jpg")
+    (folder / "annotations" / "instances_train2017.json").write_text(json.dumps(
+        {"info": {"description": "COCO 2017 Dataset"}, "images": [], "annotations": [], "categories": []}))
+    (folder / "precious.txt").write_text("do not lose me\n")
+    return folder
+
+
+def test_demo_coco_generator_refuses_a_users_folder(users_coco, tmp_path):
+    import subprocess
+    from engine.data import DataError
+    gen = _load_tool("make_demo_coco")
+    before = _snapshot(users_coco)
+    for force in (False, True):
+        with pytest.raises(DataError, match=f"OUT '{users_coco}' exists and is not a generated demo COCO set "
+                                            r"\(it holds 3 entries: 'annotations', 'precious.txt', 'train2017'"):
+            gen.generate(str(users_coco), force=force)
+    with pytest.raises(DataError, match=f"data_root '{users_coco}' exists .* but the demo config \\(demo_coco = "
+                                        "True\\) would generate one there; point data_root at a folder that does "
+                                        "not exist yet"):
+        gen.status(str(users_coco) + "/", key="data_root")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="it is an empty folder"):
+        gen.generate(str(empty))
+    r = subprocess.run([sys.executable, "tools/make_demo_coco.py", str(users_coco), "--force"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: OUT '{users_coco}' exists and is not a generated"), \
+        r.stderr[-2000:]
+    assert _snapshot(users_coco) == before and empty.is_dir() and not any(empty.iterdir())
+    assert sorted(os.listdir(tmp_path)) == ["empty", "mycoco"]          # no temporary folder left behind
+
+
+def test_demo_coco_foreign_file_blocks_regeneration(tmp_path, monkeypatch, capsys):
+    from engine.data import DataError
+    from engine.generated import MARKER
+    gen = _load_tool("make_demo_coco")
+    monkeypatch.setattr(gen, "SPLITS", {"train": 3, "val": 2})       # a small set: the rules are the same
+    target = tmp_path / "demo_coco"
+    gen.generate(str(target))
+    assert f"generating the synthetic demo COCO set in {target} (5 images)" in capsys.readouterr().out
+    assert (target / MARKER).is_file() and gen.status(str(target)) == "ready"
+    gen.generate(str(target), seed=1)                                  # another seed: regenerated in place
+    assert "regenerating the synthetic demo COCO set" in capsys.readouterr().out
+    assert json.loads((target / "annotations" / "instances_train2017.json").read_text())["info"]["seed"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["demo_coco"]
+    mine = target / "val2017" / "notes.txt"
+    mine.write_text("mine")
+    before = _snapshot(target)
+    for call in (lambda: gen.generate(str(target), seed=1, force=True), lambda: gen.generate(str(target)),
+                 lambda: gen.status(str(target))):
+        with pytest.raises(DataError, match=f"is a demo COCO set the toolkit generated, but it also holds '{mine}'"):
+            call()
+    assert _snapshot(target) == before
+    assert gen.generate(str(target), seed=1) == str(target) and _snapshot(target) == before   # ready: untouched
+
+
+def _run_tool(*argv):
+    import subprocess
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_det_train_demo_refuses_a_users_data_root_through_the_command_line(users_coco, tmp_path):
+    """The reported command: a demo config pointed at a user's COCO folder. It ends with exit 2
+    naming the folder before the model is built, in a dry run alike, and every file stays."""
+    before = _snapshot(users_coco)
+    argv = ["tools/det_train.py", DEMO_CFG, "--work-dir", tmp_path / "wd", "--cfg-options", f"data_root={users_coco}/"]
+    real, dry = _run_tool(*argv), _run_tool(*argv, "--dry-run")
+    for r in (real, dry):
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert r.stderr.startswith(f"error: data_root '{users_coco}' exists and is not a generated demo COCO set")
+        assert "Traceback" not in r.stderr
+    assert real.stderr == dry.stderr
+    assert _snapshot(users_coco) == before and not (tmp_path / "wd").exists()
+
+
+def test_det_dry_runs_reach_the_real_runs_verdict_on_demo_and_real_data(demo_encoder, demo_coco, ckpts, bad_files,
+                                                                         tmp_path, capsys):
+    train, test = _load_tool("det_train"), _load_tool("det_test")
+    wd = tmp_path / "wd"
+    # a demo config with a missing data_root: the dry run says what the real run would write, and writes nothing
+    new = tmp_path / "typo" / "coco"
+    argv = [DEMO_CFG, "--work-dir", str(wd), "--dry-run", "--cfg-options", f"data_root={new}/",
+            f"pretrained={demo_encoder['encoder']}"]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert (f"dry run: the real run would generate the synthetic demo COCO set in {new} (648 images): data_root is "
+            "not the demo configs' own data/demo_coco/") in out
+    assert f"pretrained {demo_encoder['encoder']}: fits the backbone" in out
+    assert "dry run: the config, checkpoints and data check out; nothing was built or written" in out
+    assert not (tmp_path / "typo").exists() and not wd.exists()
+    # the demo set in place: kept as it is
+    assert test.main([DEMO_CFG, bad_files["detector"], "--work-dir", str(wd), "--dry-run", "--cfg-options",
+                      f"data_root={demo_coco}"]) == 0
+    out = capsys.readouterr().out
+    assert f"data_root {demo_coco.rstrip('/')}: the synthetic demo COCO set (demo_coco = True)" in out
+    assert f"checkpoint {bad_files['detector']}: fits the detector" in out and not wd.exists()
+    # a real-COCO config (no demo_coco) never generates: the files its dataloaders name must exist
+    coco_cfg = str(CONFIGS / "retinanet_vit-b-mae_sfp_1x_coco.py")
+    for tool, args in ((train, [coco_cfg]), (test, [coco_cfg, ckpts["pretrain"]])):
+        opts = ["--work-dir", str(wd), "--cfg-options", f"data_root={tmp_path}/coco/"]
+        dry, real = tool.main([*args, *opts, "--dry-run"]), None
+        dry_err = capsys.readouterr().err
+        real = tool.main([*args, *opts])
+        assert dry == real == 2 and capsys.readouterr().err == dry_err
+        assert dry_err.startswith(f"error: {'train' if tool is train else 'test'}_dataloader.dataset.ann_file "
+                                  f"'{tmp_path}/coco/annotations/instances_"), dry_err
+    assert not (tmp_path / "coco").exists() and not wd.exists()
+    # COCO-format data of the user's (the demo config with demo_coco=False): the dry run names what it reads
+    root = demo_coco.rstrip("/")
+    assert train.main([DEMO_CFG, "--work-dir", str(wd), "--dry-run", "--cfg-options", f"data_root={demo_coco}",
+                       "demo_coco=False", f"pretrained={demo_encoder['encoder']}"]) == 0
+    out = capsys.readouterr().out
+    assert (f"train_dataloader: annotations {root}/annotations/instances_train2017.json, images {root}/train2017/"
+            in out and f"val_dataloader: annotations {root}/annotations/instances_val2017.json" in out), out
+    assert train.main([DEMO_CFG, "--work-dir", str(wd), "--dry-run", "--cfg-options", f"data_root={demo_coco}",
+                       "demo_coco=False", "pretrained=/nowhere/encoder.pth"]) == 2   # data fine; then the checkpoint
+    assert "pretrained '/nowhere/encoder.pth' does not exist" in capsys.readouterr().err
+    assert not wd.exists()
+
+
 def test_data_path_and_coco_metric_score_ground_truth_as_perfect(demo_coco):
     """The demo config's dataset (grayscale JPEGs, crowd RLE masks, images without objects) through
     mmdet's loading and CocoMetric: ground truth given back as predictions scores AP 1.0 for boxes

@@ -112,7 +112,7 @@ def test_bad_decay_is_a_config_error_naming_the_key(bad):
 # ---- whole runs ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
+    root = tmp_path_factory.mktemp("demo") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(root), num_images=48, size=40, val_fraction=0.25)
     return str(root)
 
@@ -120,7 +120,7 @@ def data(tmp_path_factory):
 def base(data, out, *more):
     return [f"data.path={data}", "data.num_workers=0", "mode=train", "model.num_classes=4", "model.drop_path=0.0",
             "curriculum.epochs=2", "train.batch_size=8", "train.warmup_epochs=0.2", "train.progress=false",
-            "train.log_every=1", f"train.output_dir={out}", "train.save_every_steps=1", "train.keep_last=0", *more]
+            "train.log_every=1", f"train.output_dir={out}", "train.device=cpu", "train.save_every_steps=1", "train.keep_last=0", *more]
 
 
 def ckpts(out, steps):

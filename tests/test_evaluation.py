@@ -63,7 +63,7 @@ def test_linear_probe_separates_separable_features():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A labelled demo set: train/ and val/ with 4 classes."""
-    root = tmp_path_factory.mktemp("labelled")
+    root = tmp_path_factory.mktemp("labelled") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(root), num_images=48, size=40, val_fraction=0.25)
     return str(root)
 
@@ -297,3 +297,53 @@ def test_sharded_extraction_gathers_every_sample_once_in_order(n, tmp_path):
         f, y = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(f, 2 * torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3))
         assert torch.equal(y, torch.arange(n) % 4)
+
+
+def _knn_data():
+    g = torch.Generator().manual_seed(0)
+    bank = torch.utils.data.TensorDataset(torch.randn(11, 8, generator=g), torch.randint(0, 3, (11,), generator=g))
+    query = torch.utils.data.TensorDataset(torch.randn(7, 8, generator=g), torch.randint(0, 3, (7,), generator=g))
+    return bank, query
+
+
+def _bank_worker(rank, world, port, out):
+    import torch.distributed as tdist
+    from engine.distributed import DistInfo
+    from evaluation.knn import accuracy_of, extract_bank, extract_features, knn_counts
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        bank, query = _knn_data()
+        dist = DistInfo(rank, world, rank)
+        b, by = extract_bank(lambda x: x, bank, torch.device("cpu"), dist, batch_size=2)
+        q, qy = extract_features(lambda x: x, query, torch.device("cpu"), dist, batch_size=2, gather=False)
+        counts = knn_counts(b, by, q, qy, 3, 0.1, 3)
+        tdist.all_reduce(counts)
+        torch.save((accuracy_of(counts), b.dtype, b.shape, len(q)), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_sharded_knn_equals_one_process(tmp_path):
+    """The monitor's way on two ranks (bf16 bank gathered into one buffer, uneven shards padded,
+    each rank scoring its own queries, hit counts summed) gives one process's accuracy, which is
+    the float32 rule's; scoring the bank in blocks changes nothing."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from evaluation.knn import extract_bank, knn_votes
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_bank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    bank, query = _knn_data()
+    single = knn_accuracy(*bank.tensors, *query.tensors, k=3, temperature=0.1, num_classes=3)
+    for rank in range(2):
+        acc, dtype, shape, n_query = torch.load(tmp_path / f"rank{rank}.pt")
+        assert acc == single and dtype == torch.bfloat16 and tuple(shape) == (12, 8)   # 2 x 6 rows, one padding
+        assert n_query == (4, 3)[rank]
+    nb, y = extract_bank(lambda x: x, bank, torch.device("cpu"))
+    assert nb.dtype == torch.bfloat16 and len(nb) == 11
+    torch.testing.assert_close(knn_votes(nb, y, query.tensors[0], 3, 0.1, 3, block=4),
+                               knn_votes(nb, y, query.tensors[0], 3, 0.1, 3))

@@ -31,7 +31,7 @@ VIT_TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
+    root = tmp_path_factory.mktemp("demo") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(root), num_images=48, size=40, val_fraction=0.25)
     return str(root)
 
@@ -146,7 +146,7 @@ def ft_overrides(data, out, *extra):
     return [f"data.path={data}", "data.num_workers=0", "model.name=vit_base_patch16_224", "model.num_classes=4",
             "model.img_size=32", "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
             "curriculum.epochs=2", "train.batch_size=8", "train.warmup_epochs=0.5", "train.progress=false",
-            f"train.output_dir={out}", "data.mixup=0.8", "data.cutmix=1.0", "data.reprob=0.25", *extra]
+            f"train.output_dir={out}", "train.device=cpu", "data.mixup=0.8", "data.cutmix=1.0", "data.reprob=0.25", *extra]
 
 
 def test_finetune_run_outputs_load_into_timm_strict(data, mae_ckpt, tmp_path):

@@ -26,7 +26,7 @@ from pretrain.demo_data import generate_demo_dataset
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """A 4-class set with train/ and val/ (48 images of 40 px)."""
-    path = tmp_path_factory.mktemp("data")
+    path = tmp_path_factory.mktemp("data") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(path), num_images=48, size=40, val_fraction=0.25)
     return path
 
@@ -36,7 +36,7 @@ def tiny(data, out, *extra):
             "model.img_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
             "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2",
             "curriculum.name=etpp", "curriculum.epochs=1.5", "train.batch_size=8", "train.warmup_epochs=0.2",
-            "train.log_every=1", "train.progress=false", f"train.output_dir={out}", *extra]
+            "train.log_every=1", "train.progress=false", "train.device=cpu", f"train.output_dir={out}", *extra]
 
 
 def pretrain(*argv):
@@ -94,7 +94,9 @@ def test_pretrain_user_errors_exit_2_with_the_key_or_file(root, tmp_path, capsys
         (["curriculum.epochs=0"], "curriculum.epochs must be > 0 (the budget), got 0.0"),
         (["train.resume_allow=[train.bllr]"], "train.resume_allow names ['train.bllr'], which are no key or section "
                                               "of this config (did you mean train.blr?)"),
-        (["data.demo=true"], "exists and is not a generated demo set, but data.demo=true would generate one there"),
+        (["data.demo=true"], f"data.path '{data}' exists and is not a generated demo set (it holds 4 entries: "
+                             "'cross', 'disc', 'square', ...; a generated one holds a .efficienttrain-generated "
+                             "file), but data.demo=true would generate one there; set data.demo=false"),
     ]
     for extra, message in cases:
         assert pretrain(*tiny(data, tmp_path / "run", *extra)) == 2, extra
@@ -231,7 +233,8 @@ def test_print_config_dry_run_and_per_gpu_batch(root, tmp_path, capsys):
     # a dry run of a demo config whose set is not generated yet writes nothing either
     demo = tmp_path / "demo_data"
     assert pretrain(*tiny(demo, tmp_path / "d", "data.demo=true"), "--dry-run") == 0
-    assert "the demo set is not generated yet" in capsys.readouterr().out
+    assert f"dry run: the real run would generate the synthetic demo image set in {demo} (1200 images)" \
+        in capsys.readouterr().out
     assert not demo.exists() and not (tmp_path / "d").exists()
 
 

@@ -263,3 +263,16 @@ def test_official_constructor_keywords_build_the_same_model():
     torch.manual_seed(0)
     loss_off = off(imgs, mask_ratio=0.75)[0]
     assert torch.isfinite(loss_on) and loss_on != loss_off                    # the two targets differ
+
+
+@pytest.mark.parametrize("window", [True, False])
+def test_hog_is_float32_under_autocast(window):
+    """The training step runs under bf16 autocast on a GPU (here: the CPU's): the HOG target must
+    be the float32 one, bit for bit (before: bf16 gradients, and without the Gaussian window the
+    bf16 magnitude could not be scattered into the float32 histogram)."""
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    hog = HOGTarget(patch_size=16, gaussian_window=window)
+    ref = hog(img)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = hog(img)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
+    root = tmp_path_factory.mktemp("demo") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(root), num_images=40, size=40, val_fraction=0.0)
     return str(root / "train")
 
@@ -31,7 +31,7 @@ def tiny_overrides(data, out, *extra):
             "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=16", "model.decoder_depth=1",
             "model.decoder_num_heads=2", "curriculum.name=etpp", "curriculum.epochs=1.5",
             "train.batch_size=8", "train.warmup_epochs=0.2", "train.log_every=1", "train.progress=false",
-            "train.keep_last=2", f"train.output_dir={out}", *extra]
+            "train.keep_last=2", "train.device=cpu", f"train.output_dir={out}", *extra]   # CPU numerics
 
 
 def cfg_for(*overrides):

@@ -24,7 +24,7 @@ VIT = dict(patch_size=4, embed_dim=32, depth=4, num_heads=2)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
+    root = tmp_path_factory.mktemp("demo") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(root), num_images=48, size=40, val_fraction=0.25)
     return str(root)
 
@@ -105,7 +105,7 @@ def ft(data, out, *extra):
         "model.num_classes=4", "model.img_size=32", "model.kwargs={patch_size: 4, embed_dim: 32, depth: 4, num_heads: 2}",
         "model.resize=forward", "model.layer_decay=1.0", "model.drop_path=0.1", "curriculum.epochs=8",
         "train.batch_size=8", "train.warmup_epochs=1", "train.progress=false", "train.log_every=1",
-        f"train.output_dir={out}", "growth.search_epochs=1", "growth.search_images=12", "data.mixup=0",
+        f"train.output_dir={out}", "train.device=cpu", "growth.search_epochs=1", "growth.search_images=12", "data.mixup=0",
         "data.cutmix=0", *extra])
 
 

@@ -177,7 +177,7 @@ def test_replay_memory_per_process_and_host_check():
 def data(tmp_path_factory):
     from pretrain.demo_data import generate_demo_dataset
 
-    root = tmp_path_factory.mktemp("demo")
+    root = tmp_path_factory.mktemp("demo") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(root), num_images=48, size=40, val_fraction=0.25)
     return str(root)
 
@@ -188,7 +188,7 @@ def tiny_run(data, out, *extra):
     return run(load_config(FinetuneConfig, None, [
         f"data.path={data}", "data.num_workers=0", "mode=train", "model.name=resnet10t", "model.num_classes=4",
         "model.img_size=32", "model.drop_path=0.0", "train.warmup_epochs=0.2", "train.progress=false",
-        "train.log_every=1", f"train.output_dir={out}", "data.mixup=0", "data.cutmix=0", *extra]))
+        "train.log_every=1", f"train.output_dir={out}", "train.device=cpu", "data.mixup=0", "data.cutmix=0", *extra]))
 
 
 def test_supervised_replay_keeps_stage_size_float16_chunks(data, tmp_path, monkeypatch):

@@ -186,7 +186,7 @@ def test_interrupted_search_continues_without_repeating_trials(tmp_path):
 def folder(tmp_path_factory):
     from pretrain.demo_data import generate_demo_dataset
 
-    root = tmp_path_factory.mktemp("labelled")
+    root = tmp_path_factory.mktemp("labelled") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(root), num_images=48, size=40, val_fraction=0.25)
     return str(root)
 

@@ -237,7 +237,7 @@ def test_resize_key_is_validated():
 # ---- whole runs ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
+    root = tmp_path_factory.mktemp("demo") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(root), num_images=48, size=40, val_fraction=0.25)
     return str(root)
 
@@ -260,7 +260,7 @@ def test_resume_inside_a_smaller_stage_is_exact_and_final_checkpoints_load_into_
         return load_config(FinetuneConfig, None, [
             f"data.path={data}", "data.num_workers=0", "mode=train", "model.num_classes=4", "model.drop_path=0.0",
             "curriculum.epochs=2", "train.batch_size=8", "train.warmup_epochs=0.2", "train.progress=false",
-            "train.log_every=1", f"train.output_dir={out}", *extra, *more])
+            "train.log_every=1", f"train.output_dir={out}", "train.device=cpu", *extra, *more])
 
     full = run(cfg(tmp_path / "full"))
     run(cfg(tmp_path / "part", f"train.max_steps={stop}"))

@@ -26,7 +26,7 @@ from test_pretrain import read_metrics, tiny_overrides
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
+    root = tmp_path_factory.mktemp("demo") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(root), num_images=40, size=40, val_fraction=0.0)
     return str(root / "train")
 
@@ -210,17 +210,18 @@ def test_device_decode_run_resumes_exactly_and_matches_the_cpu_path(jpegs, tmp_p
     assert cpu["loss"] == pytest.approx(full["loss"], rel=2e-3)
 
 
-def test_a_device_that_cannot_decode_stops_an_explicit_device_run(jpegs, tmp_path, monkeypatch, capsys):
+def test_a_decoder_that_cannot_decode_stops_an_explicit_dali_run(jpegs, tmp_path, monkeypatch, capsys):
     from engine import decode as decode_mod
     from pretrain.main import main
 
-    def no_nvjpeg(datas, device):
-        raise RuntimeError("torchvision not compiled with nvJPEG support")
+    def no_decoder(self, *args, **kwargs):
+        raise RuntimeError("nvJPEG is not available for this device")
 
-    monkeypatch.setattr(decode_mod, "_decode_jpeg", no_nvjpeg)
-    assert main(tiny_overrides(jpegs, tmp_path / "run", "data.decode=device")) == 2
-    assert ("data.decode=device: torchvision cannot decode JPEGs on cpu: torchvision not compiled with nvJPEG "
-            "support; use data.decode=cpu") in capsys.readouterr().err
+    monkeypatch.setattr(decode_mod.DaliDecoder, "_run", no_decoder)
+    assert main(tiny_overrides(jpegs, tmp_path / "run", "data.decode=dali")) == 2
+    err = capsys.readouterr().err
+    assert f"data.decode=dali: DALI {decode_mod.dali_version()} cannot decode JPEGs on cpu: nvJPEG is not available " \
+           "for this device; use data.decode=cpu" in err
 
 
 def test_pretraining_from_tar_shards_equals_the_folder(jpegs, tmp_path):

@@ -61,9 +61,9 @@ def test_benchmark_data_reports_both_paths(tmp_path):
              "--archs", "mae_vit_tiny_patch16")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    cpu, dev = res["paths"]["cpu"], res["paths"]["device"]
+    cpu, dev = res["paths"]["cpu"], res["paths"]["dali"]
     assert cpu["worker_ms_per_image"] > 0 and dev["worker_ms_per_image"] > 0
-    assert res["worker_cost_ratio_cpu_over_device"] == cpu["worker_ms_per_image"] / dev["worker_ms_per_image"]
+    assert res["worker_cost_ratio_cpu_over_dali"] == cpu["worker_ms_per_image"] / dev["worker_ms_per_image"]
     assert dev["training_process"]["worker_decoded"] >= 1          # the PNG took the CPU path in the worker
     rows = res["cores_per_gpu"]
     assert [row["size"] for row in rows] == [16, 32]              # etpp sizes at final 32, patch 16
@@ -83,3 +83,17 @@ def test_wrappers_check_the_config_before_torchrun(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "error: train.blr must be > 0, got -1.0" in r.stderr and "torchrun" not in r.stderr.lower()
     assert not any(tmp_path.iterdir())                          # nothing started
+
+
+def test_gpu_check_runs_its_checks_on_a_cpu():
+    """tools/gpu_check.py --device cpu --tiny: every check of the GPU acceptance run, on DALI's CPU
+    backend, so the script cannot rot between GPU runs."""
+    r = tool("tools/gpu_check.py", "--device", "cpu", "--tiny")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["ok"] is True and res["dali"].startswith("2.4.0")
+    assert res["pixels_vs_pil"]["mean"] <= 2 and res["pixels_vs_pil"]["images"] == 48
+    assert res["fft_crop_max_error"] < 1e-3 and res["replay_round_trip"]["exact"]
+    assert set(res["end_to_end"]["images_per_s"]) == set(res["model_only"]["images_per_s"]) == {"16", "24", "32"}
+    assert res["wall_efficiency"]["model_only"]["32"] == 1.0 and res["host_syncs_per_step"] is None
+    assert "decode on dali" in res["end_to_end"]["decode"]

@@ -50,7 +50,8 @@ launch_module() {
     # torchrun reports a failed rank with its own summary and exit code 1: check the config (and the
     # overrides) once first, so that a mistake there ends with exit 2 and the message alone
     "$ROOT/.venv/bin/python" -m "$1" --config "$CONFIG" "${ARGS[@]+"${ARGS[@]}"}" --print-config >/dev/null || exit $?
-    exec "$ROOT/.venv/bin/torchrun" --standalone --nproc_per_node "$NPROC" -m "$1" --config "$CONFIG" "${ARGS[@]+"${ARGS[@]}"}"
+    # engine.launch: torchrun without its traceback when a signal stops the run (exit 130 / 143)
+    exec "$ROOT/.venv/bin/python" -m engine.launch --standalone --nproc_per_node "$NPROC" -m "$1" --config "$CONFIG" "${ARGS[@]+"${ARGS[@]}"}"
   fi
   exec "$ROOT/.venv/bin/python" -m "$1" --config "$CONFIG" "${ARGS[@]+"${ARGS[@]}"}"
 }

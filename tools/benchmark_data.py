@@ -2,13 +2,15 @@
 """What the MAE data path costs per image, for each decode path, and how many CPU cores per GPU
 that means at the throughput ViT-B / ViT-L reach in every EfficientTrain++ stage.
 
-For each path (``cpu``: PIL decode + RandomResizedCrop + flip in the worker; ``device``: the worker
-reads the bytes and the JPEG header, the training process decodes and crops on its device):
+For each path (``cpu``: PIL decode + RandomResizedCrop + flip in the worker; ``dali``: the worker
+reads the bytes and the JPEG header and draws the crop, a DALI pipeline in the training process
+decodes the crop, resizes and flips it: nvJPEG on CUDA, DALI's CPU backend with ``--device cpu``):
 
 - worker ms per image: CPU time of one worker on one core (the dataset items and the collate,
   run in this process with one thread, over the same images, page cache warm; median of 3 passes);
 - training-process ms per image: for ``cpu`` the host-to-device copy of the uint8 batch, for
-  ``device`` the decode and the batched crop-resize (synchronised wall time on the device);
+  ``dali`` the pipeline run (decode of the crop + resize + flip, and the copy out; wall time, the
+  decoder's threads included);
 - cores per GPU: model images/s x worker ms / 1000, where images/s comes from the MAE model's
   training FLOPs per image (forward + backward, counted with torch.utils.flop_counter at every
   stage size, mask ratio 0.75) at a stated MFU of a stated peak (default: 30 % of an H100's
@@ -33,8 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchlib import device_name, save_result  # noqa: E402
 from efficienttrain.curriculum import get_curriculum  # noqa: E402
 from engine.data import open_image_source  # noqa: E402
-from engine.decode import DeviceDecoder, EncodedBatch, _decode_jpeg  # noqa: E402
-from engine.resample import resized_crops  # noqa: E402
+from engine.decode import DaliDecoder, EncodedBatch  # noqa: E402
 from pretrain.data import MAEPretrainDataset  # noqa: E402
 from pretrain.models_mae import create_mae  # noqa: E402
 
@@ -59,7 +60,7 @@ def worker_ms(ds: MAEPretrainDataset, keys: List, batch: int, repeats: int = 3) 
 
 
 def training_ms(ds: MAEPretrainDataset, keys: List, batch: int, device: torch.device) -> Dict[str, float]:
-    """Training-process ms per image (and, for the device path, its decode / resize split)."""
+    """Training-process ms per image (wall time; for DALI its pipeline run, counts and backend)."""
     batches = [ds.collate([ds[k] for k in keys[i:i + batch]]) for i in range(0, len(keys), batch)]
     if ds.decode == "cpu":
         batches[0][0].to(device)
@@ -69,31 +70,16 @@ def training_ms(ds: MAEPretrainDataset, keys: List, batch: int, device: torch.de
             b[0].pin_memory().to(device, non_blocking=True) if device.type == "cuda" else b[0].to(device)
         sync(device)
         return {"total_ms": (time.perf_counter() - t0) * 1e3 / len(keys)}
-    decoder = DeviceDecoder(ds.size, device, ds.fallback)
-    decoder(EncodedBatch(*batches[0]))          # warm-up (nvJPEG handles, kernels)
+    decoder = DaliDecoder(ds.size, device, ds.fallback)
+    decoder(EncodedBatch(*batches[0]))          # warm-up (pipeline build, decoder handles)
     sync(device)
-    t_dec = t_rs = 0.0
     t0 = time.perf_counter()
     for b in batches:
         decoder(EncodedBatch(*b))
     sync(device)
     total = time.perf_counter() - t0
-    for b in batches:                           # the split, timed apart (same work)
-        eb = EncodedBatch(*b)
-        off = eb.offsets.tolist()
-        datas = [eb.data[off[k]:off[k + 1]] for k in range(len(off) - 1) if off[k + 1] > off[k]]
-        sel = torch.tensor([k for k in range(len(off) - 1) if off[k + 1] > off[k]], dtype=torch.long)
-        t1 = time.perf_counter()
-        imgs = _decode_jpeg(datas, device)
-        sync(device)
-        t2 = time.perf_counter()
-        resized_crops(imgs, eb.boxes[sel], ds.size, eb.flips[sel], dtype=decoder.dtype)
-        sync(device)
-        t_dec += t2 - t1
-        t_rs += time.perf_counter() - t2
-    n = len(keys)
-    return {"total_ms": total * 1e3 / n, "decode_ms": t_dec * 1e3 / n, "crop_resize_ms": t_rs * 1e3 / n,
-            "resize_dtype": str(decoder.dtype), "fallbacks": decoder.fallbacks,
+    decoder.close()
+    return {"total_ms": total * 1e3 / len(keys), "backend": decoder.backend, "fallbacks": decoder.fallbacks,
             "worker_decoded": decoder.worker_decoded}
 
 
@@ -111,7 +97,7 @@ def training_flops(arch: str, size: int, final: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("data", help="image folder, .txt list or tar shards (JPEGs for the device path)")
+    ap.add_argument("data", help="image folder, .txt list or tar shards (JPEGs for the DALI path)")
     ap.add_argument("--size", type=int, default=224, help="final (crop) size")
     ap.add_argument("--images", type=int, default=256, help="images timed per path")
     ap.add_argument("--batch", type=int, default=64)
@@ -135,11 +121,11 @@ def main() -> int:
     n = min(args.images, len(source))
     keys = [(i % len(source), i, 0.0, args.size) for i in range(n)]
     paths: Dict[str, Dict] = {}
-    for mode in ("cpu", "device"):
+    for mode in ("cpu", "dali"):
         ds = MAEPretrainDataset(source, args.size, decode=mode)
         paths[mode] = {"worker_ms_per_image": worker_ms(ds, keys, args.batch),
                        "training_process": training_ms(ds, keys, args.batch, device)}
-    ratio = paths["cpu"]["worker_ms_per_image"] / paths["device"]["worker_ms_per_image"]
+    ratio = paths["cpu"]["worker_ms_per_image"] / paths["dali"]["worker_ms_per_image"]
 
     sizes = sorted({s.size for s in get_curriculum("etpp", args.size, 16).stages})
     table = []
@@ -151,7 +137,7 @@ def main() -> int:
                           "gpu_images_per_s_estimate": ips,
                           "cores_per_gpu": {m: ips * p["worker_ms_per_image"] / 1e3 for m, p in paths.items()}})
     result = {"benchmark": "data", "data": args.data, "images": n, "size": args.size, "device": device_name(device),
-              "paths": paths, "worker_cost_ratio_cpu_over_device": ratio, "mfu": args.mfu,
+              "paths": paths, "worker_cost_ratio_cpu_over_dali": ratio, "mfu": args.mfu,
               "peak_tflops": args.peak_tflops, "cores_per_gpu": table}
     if args.json:                               # stdout is the JSON object only (nothing saved)
         print(json.dumps(result, indent=2))
@@ -161,14 +147,14 @@ def main() -> int:
     print(f"{'path':>7} {'worker ms/img':>14} {'training ms/img':>16}")
     for m, p in paths.items():
         print(f"{m:>7} {p['worker_ms_per_image']:>14.3f} {p['training_process']['total_ms']:>16.3f}")
-    dev = paths["device"]["training_process"]
-    print(f"device path: decode {dev['decode_ms']:.3f} + crop/resize {dev['crop_resize_ms']:.3f} ms/img "
-          f"({dev['resize_dtype']}); worker cost cpu/device = {ratio:.1f}x")
+    dev = paths["dali"]["training_process"]
+    print(f"dali path: {dev['backend']}, {dev['total_ms']:.3f} ms/img in the training process; "
+          f"worker cost cpu/dali = {ratio:.1f}x")
     print(f"cores per GPU needed (GPU images/s: ESTIMATE at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s)")
-    print(f"{'model':>24} {'size':>5} {'GFLOP/img':>10} {'img/s':>8} {'cores (cpu)':>12} {'cores (device)':>15}")
+    print(f"{'model':>24} {'size':>5} {'GFLOP/img':>10} {'img/s':>8} {'cores (cpu)':>12} {'cores (dali)':>15}")
     for r in table:
         print(f"{r['arch']:>24} {r['size']:>5} {r['train_gflop_per_image']:>10.1f} {r['gpu_images_per_s_estimate']:>8.0f} "
-              f"{r['cores_per_gpu']['cpu']:>12.1f} {r['cores_per_gpu']['device']:>15.2f}")
+              f"{r['cores_per_gpu']['cpu']:>12.1f} {r['cores_per_gpu']['dali']:>15.2f}")
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a detector from configs/detection/ (MMDetection 3.x with the toolkit's plug-in).
 
-    .venv/bin/python tools/det_train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+    .venv/bin/python tools/det_train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--dry-run]
                                        [--cfg-options data_root=/data/coco/ pretrained=PATH ...]
 
 ``--resume`` continues the latest checkpoint in the work dir (or CKPT) with its optimizer,
@@ -9,9 +9,12 @@ scheduler, iteration and log state; checkpoints are read with ``torch.load(weigh
 (see detection/runner.py). ``--cfg-options data_root=... pretrained=...`` also update every field
 derived from them. Multi-GPU / multi-node: tools/det_dist_train.sh.
 
-The checkpoint files the run will read (``pretrained``, ``--resume``, ``load_from``) are checked
-before anything is built; a user error (a missing or unusable file or config, a checkpoint that
-does not fit the config's backbone) ends with exit code 2 and one message, ``error: ...``.
+The data (annotation files and image folders; for a demo config, ``demo_coco = True``, the verdict
+of the demo generator, which writes only into a missing folder or one it generated) and the
+checkpoint files the run will read (``pretrained``, ``--resume``, ``load_from``) are checked
+before anything is written or built; ``--dry-run`` stops there. A user error (a missing or unusable
+file, folder or config, a checkpoint that does not fit the config's backbone) ends with exit code 2
+and one message, ``error: ...``.
 """
 from __future__ import annotations
 
@@ -30,12 +33,12 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")   # mme
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import find_latest_checkpoint  # noqa: E402
 
-from detection.cli import (MetricsCapture, add_common_args, build_runner, check_detector_checkpoint,  # noqa: E402
-                           check_pretrained, coco_table, ensure_demo_data, load_config)
+from detection.cli import (MetricsCapture, add_common_args, build_runner, check_data,  # noqa: E402
+                           check_detector_checkpoint, check_pretrained, coco_table, ensure_demo_data, load_config)
 from detection.runner import DetRunner  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.errors import run_cli  # noqa: E402
-from make_demo_coco import generate as generate_demo_coco  # noqa: E402
+import make_demo_coco  # noqa: E402  (tools/)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -44,6 +47,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                     help="resume from CKPT, or without a value from the latest checkpoint in the work dir")
     ap.add_argument("--amp", action="store_true", help="mixed precision (AmpOptimWrapper; GPU)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the config, the checkpoints and the data as the run would, print the verdict and "
+                         "exit without building the runner or writing anything (a demo set is not generated)")
     add_common_args(ap)
     return ap.parse_args(argv)
 
@@ -64,29 +70,49 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def check_checkpoints(cfg: Config, args: argparse.Namespace) -> str:
+def data_loaders(cfg: Config) -> List[str]:
+    """The dataloaders a training run builds: training, and validation when the config has it."""
+    return ["train_dataloader"] + (["val_dataloader"] if cfg.get("val_cfg") and cfg.get("val_dataloader") else [])
+
+
+def check_checkpoints(cfg: Config, args: argparse.Namespace, said: Optional[List[str]] = None) -> str:
     """Check every checkpoint file the run will read before it builds anything (cheap: shapes and
-    structure only); returns how the loaded detector checkpoint is named in errors."""
-    check_pretrained(cfg)   # init_weights loads it in every training run, a resumed one too
+    structure only); returns how the loaded detector checkpoint is named in errors. ``said``
+    collects a line per checked file (what a dry run prints)."""
+    said = [] if said is None else said
+    if check_pretrained(cfg) is not None:   # init_weights loads it in every training run, a resumed one too
+        said.append(f"pretrained {cfg.model.backbone.init_cfg.checkpoint}: fits the backbone")
     label = "load_from"
     if args.resume == "auto":
         latest = find_latest_checkpoint(cfg.work_dir) if _has_checkpoint(cfg.work_dir) else None
         label = f"--resume (the latest checkpoint in {cfg.work_dir})"
         if latest is not None:
             check_detector_checkpoint(cfg, latest, label, resume=True)
+            said.append(f"{label}: {latest} (resumable)")
+        else:
+            said.append(f"--resume: no checkpoint in {cfg.work_dir} yet; the run would start from scratch")
     elif args.resume is not None:
         label = "--resume"
         check_detector_checkpoint(cfg, args.resume, label, resume=True)
+        said.append(f"--resume {args.resume}: resumable")
     elif cfg.get("load_from"):
         check_detector_checkpoint(cfg, cfg.load_from, label)
+        said.append(f"load_from {cfg.load_from}: fits the detector")
     return label
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    """Train (and validate as the config says); returns the runner and the last metrics."""
+    """Train (and validate as the config says); returns the runner and the last metrics. The data
+    (a demo set's verdict: a user's folder is refused) and the checkpoints are checked before
+    anything is written or built; ``--dry-run`` stops there and prints what it checked."""
     cfg = build_config(args)
-    label = check_checkpoints(cfg, args)
-    ensure_demo_data(cfg, generate_demo_coco)
+    said = check_data(cfg, data_loaders(cfg), make_demo_coco.status, make_demo_coco.notice)
+    label = check_checkpoints(cfg, args, said)
+    if args.dry_run:
+        print("\n".join([*said, f"work dir: {os.path.abspath(cfg.work_dir)}",
+                         "dry run: the config, checkpoints and data check out; nothing was built or written"]))
+        return {"dry_run": True, "work_dir": cfg.work_dir}
+    ensure_demo_data(cfg, make_demo_coco.generate)
     if args.resume == "auto" and not _has_checkpoint(cfg.work_dir):
         print(f"--resume: no checkpoint in {cfg.work_dir} yet; starting from scratch")
     runner = build_runner(cfg)
@@ -110,6 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     result = run(args)
+    if result.get("dry_run"):
+        return 0
     runner = result["runner"]
     if runner.rank == 0:
         if result["metrics"]:

@@ -4,6 +4,10 @@
     .venv/bin/python tools/make_demo_coco.py [OUT]   # default data/demo_coco; no-op if it exists
     .venv/bin/python tools/make_demo_coco.py OUT --force
 
+OUT must not exist, or be a set this tool generated (it holds the marker file
+``.efficienttrain-generated``, see engine/generated.py): any other path, an empty folder included,
+is refused with exit code 2, and --force regenerates only a set of ours holding nothing but its files.
+
 Layout as COCO 2017 (``train2017/``, ``val2017/``, ``annotations/instances_{train,val}2017.json``),
 so a demo config points at real COCO by changing ``data_root`` only. Images are 48-64 px JPEGs
 with 1-3 filled squares, discs and triangles that do not overlap (so every mask is the visible
@@ -21,13 +25,20 @@ import argparse
 import json
 import math
 import os
-import shutil
+import re
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from engine.errors import run_cli  # noqa: E402
+from engine.generated import Generated, build, check_removable, check_target, is_default  # noqa: E402
 
 CATEGORIES = [{"id": 1, "name": "square", "supercategory": "shape"},
               {"id": 3, "name": "disc", "supercategory": "shape"},
@@ -36,6 +47,8 @@ CLASSES = tuple(c["name"] for c in CATEGORIES)
 SIZES = ((64, 48), (48, 64), (56, 56), (64, 64))   # (width, height)
 SPLITS = {"train": 600, "val": 48}
 VERSION = "2.0"   # bump when the images change: an older set on disk is then regenerated
+DESCRIPTION = "EfficientTrain toolkit synthetic demo set (COCO format)"
+DEFAULT_OUT = "data/demo_coco"   # the detection demo configs' data_root
 
 
 def rle_uncompressed(mask: np.ndarray) -> Dict:
@@ -134,7 +147,7 @@ def _split(out: str, split: str, n: int, seed: int) -> Dict:
         images.append({"id": image_id, "file_name": name, "width": w, "height": h})
         for a in anns:
             annotations.append({"id": len(annotations) + 1 + 100000 * (split == "val"), "image_id": image_id, **a})
-    return {"info": {"description": "EfficientTrain toolkit synthetic demo set (COCO format)", "version": VERSION,
+    return {"info": {"description": DESCRIPTION, "version": VERSION,
                      "seed": seed},
             "licenses": [], "images": images, "annotations": annotations, "categories": CATEGORIES}
 
@@ -143,40 +156,115 @@ def annotation_file(root: str, split: str) -> str:
     return os.path.join(root, "annotations", f"instances_{split}2017.json")
 
 
-def generate(out: str, seed: int = 0, force: bool = False) -> str:
-    """Write the set to ``out`` (atomically: a temporary folder renamed at the end); if it is
-    already complete, made by this version with this seed and ``force`` is false, leave it as is."""
+_FILE = re.compile(r"(train|val)2017/\d{12}\.jpg|annotations/instances_(train|val)2017\.json")
+_SPECS = {   # how the folder is named, what asked for the set and what a user can do instead
+    "OUT": ("tools/make_demo_coco.py", "choose an OUT folder that does not exist yet (--force regenerates only a "
+                                       "set this tool generated)"),
+    "data_root": ("the demo config (demo_coco = True)",
+                  "point data_root at a folder that does not exist yet for the demo set (or leave the default "
+                  f"{DEFAULT_OUT}/), or train on your own COCO-format data with a config without demo_coco, e.g. "
+                  "configs/detection/retinanet_vit-b-mae_sfp_1x_coco.py"),
+}
+
+
+def _read_info(root: str) -> Optional[Dict]:
+    """The ``info`` of the set's training annotations when both annotation files are there."""
+    if not all(os.path.isfile(annotation_file(root, s)) for s in SPLITS):
+        return None
+    try:
+        with open(annotation_file(root, "train")) as f:
+            info = json.load(f).get("info")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _legacy(root: str) -> bool:
+    """A set written before the marker existed (its annotations say so; :mod:`engine.generated`
+    also requires that it holds only this generator's files)."""
+    return (_read_info(root) or {}).get("description") == DESCRIPTION
+
+
+def generator(key: str = "OUT") -> Generated:
+    """This generator as the setting ``key`` names its folder (``OUT`` here, ``data_root`` in the
+    detection demo configs)."""
+    by, advice = _SPECS.get(key, _SPECS["OUT"])
+    return Generated(what="demo COCO set", key=key, by=by, advice=advice,
+                     owns=lambda rel: _FILE.fullmatch(rel) is not None, legacy=_legacy)
+
+
+def status(out: str, seed: int = 0, key: str = "OUT") -> str:
+    """What :func:`generate` would do at ``out`` without ``--force``, without writing: ``"ready"``
+    (it keeps the set there), ``"missing"`` or ``"regenerate"`` (an older set of ours); raises
+    :class:`DataError` where it would refuse (a path it did not generate, or a set of ours holding
+    a user's file), so a dry run's verdict is the real run's."""
+    gen = generator(key)
+    if check_target(out, gen) == "missing":
+        return "missing"
+    info = _read_info(out) or {}
+    if (info.get("version"), info.get("seed")) == (VERSION, seed):
+        return "ready"
+    check_removable(out, gen)
+    return "regenerate"
+
+
+def notice(out: str, verdict: str, key: str = "OUT", dry_run: bool = False) -> str:
+    """The line said before the set is written (or, in a dry run, that it would be): the absolute
+    path and that the set is synthetic; louder when a demo config's ``data_root`` is not its own
+    default (a user's path: the pictures are not their data)."""
+    verb = {"missing": "generate", "regenerate": "regenerate"}[verdict]
+    why = "; the set there is of an older version or seed" if verdict == "regenerate" else ""
+    line = (f"dry run: the real run would {verb}" if dry_run else f"{verb[:-1]}ing") + \
+        f" the synthetic demo COCO set in {os.path.abspath(out)} ({sum(SPLITS.values())} images{why})"
+    if key == "data_root" and not is_default(out, DEFAULT_OUT):
+        line += (f": data_root is not the demo configs' own {DEFAULT_OUT}/, and demo_coco = True writes synthetic "
+                 "images and annotations there, not your data (for your own COCO data use a config without "
+                 "demo_coco)")
+    return line + ("" if dry_run else " ...")
+
+
+def generate(out: str, seed: int = 0, force: bool = False, key: str = "OUT") -> str:
+    """Write the set to ``out``; if it is already complete, made by this version with this seed and
+    ``force`` is false, leave it as is. Writes only where nothing exists or into a set it generated
+    (atomically: a marked temporary folder next to ``out``, moved into place at the end); any other
+    path, with ``force`` too, raises :class:`DataError` naming ``key`` before anything is written."""
     out = os.path.abspath(out)
-    if not force and all(os.path.isfile(annotation_file(out, s)) for s in SPLITS):
-        with open(annotation_file(out, "train")) as f:
-            info = json.load(f).get("info", {})
-        if (info.get("version"), info.get("seed")) == (VERSION, seed):
+    verdict = status(out, seed, key)
+    if verdict == "ready":
+        if not force:
             return out
-    tmp = f"{out}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "annotations"))
-    for k, (split, n) in enumerate(SPLITS.items()):
-        data = _split(tmp, split, n, seed + k)
-        with open(annotation_file(tmp, split), "w") as f:
-            json.dump(data, f)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+        check_removable(out, generator(key))
+        verdict = "regenerate"
+    print(notice(out, verdict, key), flush=True)
+
+    def write(folder: str) -> None:
+        os.makedirs(os.path.join(folder, "annotations"))
+        for k, (split, n) in enumerate(SPLITS.items()):
+            data = _split(folder, split, n, seed + k)
+            with open(annotation_file(folder, split), "w") as f:
+                json.dump(data, f)
+
+    return build(out, generator(key), write, ready=lambda p: not force and status(p, seed, key) == "ready")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", nargs="?", default="data/demo_coco", help="output folder (default data/demo_coco)")
+    ap.add_argument("out", nargs="?", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}); it must not "
+                    "exist, or be a set this tool generated")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--force", action="store_true", help="regenerate even if the set exists")
+    ap.add_argument("--force", action="store_true", help="regenerate even if the set exists (only a set this tool "
+                    "generated: any other folder is refused)")
     args = ap.parse_args(argv)
-    path = generate(args.out, args.seed, args.force)
-    for split in SPLITS:
-        with open(annotation_file(path, split)) as f:
-            d = json.load(f)
-        print(f"{split}: {len(d['images'])} images, {len(d['annotations'])} annotations -> {annotation_file(path, split)}")
-    return 0
+
+    def run() -> None:
+        path = generate(args.out, args.seed, args.force)
+        for split in SPLITS:
+            with open(annotation_file(path, split)) as f:
+                d = json.load(f)
+            print(f"{split}: {len(d['images'])} images, {len(d['annotations'])} annotations -> "
+                  f"{annotation_file(path, split)}")
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

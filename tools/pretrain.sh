@@ -10,7 +10,7 @@
 #
 # Relative paths (CONFIG, data.path, train.output_dir) are relative to where you call it from.
 # Multi-node: run on every node
-#   .venv/bin/torchrun --nnodes N --node_rank R --master_addr HOST --master_port 29500 \
+#   .venv/bin/python -m engine.launch --nnodes N --node_rank R --master_addr HOST --master_port 29500 \
 #       --nproc_per_node 8 -m pretrain --config CONFIG [key=value ...]
 # ET_SETUP_ARGS is passed to tools/setup.sh (e.g. ET_SETUP_ARGS=--core skips the detection extra).
 set -euo pipefail

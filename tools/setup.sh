@@ -7,7 +7,8 @@
 #   tools/setup.sh --core     core only (pretraining / fine-tuning; no mm* packages)
 #
 # Environment: PYTHON (interpreter for the venv, default python3), ET_CACHE_DIR (where the built
-# mmcv wheel is cached, default ~/.cache/efficienttrain-toolkit), MAX_JOBS (mmcv build jobs).
+# mmcv wheel and the downloaded DALI wheel are cached, default ~/.cache/efficienttrain-toolkit),
+# MAX_JOBS (mmcv build jobs).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -45,7 +46,9 @@ scores = torch.tensor([0.9, 0.8, 0.7])
 keep = nms(boxes, scores, 0.5).tolist()
 assert keep == [0, 2], f"torchvision.ops.nms returned {keep}"
 import efficienttrain  # the toolkit itself
-msg = f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}"
+import nvidia.dali  # the DALI data path (data.decode=dali; its CPU backend runs without CUDA)
+msg = (f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+       f"DALI {nvidia.dali.__version__}")
 if sys.argv[1] == "1":
     import mmcv, mmdet, mmengine, pycocotools
     from mmcv.ops import nms as mmcv_nms
@@ -105,7 +108,24 @@ if [[ $WITH_DET == 1 ]]; then
   fi
 fi
 
-# 3. The toolkit (editable) with its dependencies, pinned by the constraints file. This also
+# 3. NVIDIA DALI (the data path's decoder): a 200 MB wheel, downloaded once into the cache and
+#    installed from there (its small dependencies come from the registry, pinned).
+DALI_PKG=nvidia-dali-cuda130; DALI_V=$(pin "$DALI_PKG"); DALI_WHL="nvidia_dali_cuda130-$DALI_V-*.whl"
+DALI_CACHE="${ET_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/efficienttrain-toolkit}/wheels/dali-$DALI_V"
+if ! "$PY" -c "import nvidia.dali, sys; sys.exit(nvidia.dali.__version__ != '$DALI_V')" 2>/dev/null; then
+  # shellcheck disable=SC2086  # the glob is meant
+  if ! ls "$DALI_CACHE"/$DALI_WHL >/dev/null 2>&1; then
+    log "downloading $DALI_PKG==$DALI_V (about 200 MB, once; cached in $DALI_CACHE)"
+    rm -rf "$DALI_CACHE.tmp"; mkdir -p "$DALI_CACHE.tmp"
+    "$PY" -m pip download --disable-pip-version-check -q --no-deps "$DALI_PKG==$DALI_V" -d "$DALI_CACHE.tmp"
+    rm -rf "$DALI_CACHE"; mv "$DALI_CACHE.tmp" "$DALI_CACHE"   # publish only a complete download
+  fi
+  log "installing $DALI_PKG from $DALI_CACHE"
+  # shellcheck disable=SC2086
+  pip_ "$DALI_CACHE"/$DALI_WHL
+fi
+
+# 4. The toolkit (editable) with its dependencies, pinned by the constraints file. This also
 #    restores the pinned setuptools: torch needs >=77 and mmengine still imports pkg_resources,
 #    which the newest setuptools releases dropped.
 log "installing the toolkit (pip install -e .$([[ $WITH_DET == 1 ]] && echo '[det]'))"
