@@ -12,6 +12,12 @@ no host sync). Two differences from the official ``ModelEma``, neither of which 
 averaged: the lerp form rounds differently (float32 ulp level), and integer buffers (BatchNorm's
 ``num_batches_tracked``, unused when BN has a momentum) are copied instead of being put through
 the float formula and truncated back to integers.
+
+``warmup=True`` (MoGrow's momentum network) uses the decay ``min(decay, (1 + t) / (10 + t))`` at
+the update after ``t`` earlier ones (TensorFlow's ``ExponentialMovingAverage(num_updates)``
+warm-up): with a constant 0.998 an EMA of a short run stays mostly the random initialisation
+(0.998^45 = 0.91 after 45 steps), so a network grown from it would lose what was learnt. The
+warm-up reaches the constant after (10 m - 1) / (1 - m) updates (4490 for m = 0.998).
 """
 from __future__ import annotations
 
@@ -39,10 +45,12 @@ class WeightEma:
     wrapper prefix), so a checkpoint's EMA loads into the bare model.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.updates = 0            # updates so far (t of the warm-up; checkpointed by the owner when warmup)
         self._ema = ModelEmaV3(unwrap(model), decay=self.decay, dtype=torch.float32, foreach=True)
         self.module.requires_grad_(False)
 
@@ -54,8 +62,14 @@ class WeightEma:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """``ema = decay * ema + (1 - decay) * model`` for every floating-point entry of the state
-        dict (parameters and buffers); integer buffers are copied."""
+        dict (parameters and buffers); integer buffers are copied. ``decay`` is :meth:`decay_at`."""
+        self._ema.decay = self.decay_at(self.updates)
         self._ema.update(unwrap(model))
+        self.updates += 1
+
+    def decay_at(self, t: int) -> float:
+        """The decay of the update after ``t`` earlier ones (see the module docstring)."""
+        return min(self.decay, (1.0 + t) / (10.0 + t)) if self.warmup else self.decay
 
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:

@@ -19,7 +19,17 @@ How a run grows:
   the final model loads into timm's ViT (or the official MAE code) as it is, and a resumed run's
   fresh model needs no replay of the growth history.
 - MoGrow's momentum network (Eq. 3, m = ``growth.momentum``) is a float32 copy updated after every
-  optimizer step; it is saved in every checkpoint (task state) with the AutoProg decisions.
+  optimizer step; it is saved in every checkpoint (task state, with its update count) with the
+  AutoProg decisions. Its decay warms up, min(m, (1 + t) / (10 + t)) at update t
+  (``growth.momentum_warmup``, :class:`~engine.ema.WeightEma`): with the constant m an EMA of a
+  short run is mostly the random initialisation (0.998^45 = 0.91), and MoGrow, which copies the whole
+  network from it at every growth, would throw the training away (the demo: 82 % top-1 before a
+  growth, 68 % for the constant-0.998 EMA). The official code grows from a separate slow EMA
+  (0.9996) and keeps 0.998 for scoring; here Eq. 8 scores the trained supernet itself, so MoGrow's
+  one EMA, warmed up, is all it needs (one model copy, not two). Every growth logs the subset loss
+  just before and just after it (continuity; the demo's stay within 1.1x).
+- Eq. 8's subset is the task's: a seeded class-stratified sample of ``growth.search_images``
+  training images (:func:`search_subset`; the paper: 50K random ImageNet images), logged once.
 - Eq. 8's loss is measured in eval mode (no drop path, no dropout) on the task's fixed subset,
   and the runtime T(psi) is the block-FLOPs proxy :func:`~efficienttrain.growth.vit_cost`
   (deterministic, so a resumed run chooses what the uninterrupted one chose; the paper measures
@@ -32,6 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -63,12 +75,17 @@ class GrowthConfig:
                                            # the paper's) | interpolation | stacking | randinit | identity (needs
                                            # LayerScale: model.kwargs.init_values)
     momentum: float = 0.998                # MoGrow's momentum network: m of Eq. 3, updated every optimizer step
+    momentum_warmup: bool = True           # MoGrow: step t's decay is min(m, (1 + t) / (10 + t)) (warm-up), so in
+                                           # short runs the network grown from is not mostly the random
+                                           # initialisation (0.998^45 = 0.91); false: the constant m of Eq. 3
     search_epochs: float = 2.0             # autoprog: supernet epochs at the start of each searched stage (budget
                                            # epochs, part of the training: weight recycling)
     search_first: bool = False             # autoprog: also search the first stage (the official code) instead of
                                            # training the smallest sub-network
-    search_images: int = 256               # autoprog: the fixed-augmentation subset Eq. 8's losses are measured on
-                                           # (the first N training images, evaluation transform)
+    search_images: int = 256               # the fixed-augmentation subset Eq. 8's losses (and the growth log's
+                                           # continuity check) are measured on: a seeded class-stratified sample
+                                           # of N training images (unlabelled data: a seeded uniform sample),
+                                           # evaluation transform. The paper: 50000 (ImageNet, full scale)
     alpha: Optional[float] = None          # autoprog: Eq. 8's alpha (null: balanced over the candidates,
                                            # efficienttrain.growth.balance_alpha)
     adareg: bool = False                   # AdaReg: RandAug magnitude 0.5x..1x, drop path and erasing 0..1x with the
@@ -91,6 +108,8 @@ class GrowthConfig:
             raise ConfigError(f"{where}.momentum must be in (0, 1) (the paper: 0.998), got {self.momentum}")
         if not self.search_epochs > 0:
             raise ConfigError(f"{where}.search_epochs must be > 0, got {self.search_epochs}")
+        if not isinstance(self.momentum_warmup, bool):
+            raise ConfigError(f"{where}.momentum_warmup must be true or false, got {self.momentum_warmup!r}")
         if self.search_images < 1:
             raise ConfigError(f"{where}.search_images must be >= 1, got {self.search_images}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha >= 0):
@@ -127,6 +146,43 @@ class GrowthConfig:
 
 
 SubsetLoss = Callable[[nn.Module, int], float]
+
+
+def search_subset(labels: Optional[Sequence[int]], n: int, seed: int, total: Optional[int] = None) -> List[int]:
+    """The sorted indices of Eq. 8's fixed subset: ``n`` images, a seeded class-stratified sample
+    (classes with enough images get counts differing by at most one; a smaller class gives all it
+    has and the rest goes to the others), or with ``labels=None`` a seeded uniform sample of
+    ``range(total)``. A pure function of its arguments, so a resumed run measures the same images;
+    the paper samples 50K random ImageNet images, and the first N files of a class-sorted list
+    would be one class."""
+    rng = random.Random(1_000_003 * int(seed) + 4242)
+    if labels is None:
+        return sorted(rng.sample(range(int(total or 0)), min(n, int(total or 0))))
+    by_class: Dict[int, List[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    order = sorted(by_class)
+    rng.shuffle(order)                                # which classes get the remainder: seeded
+    quota = {c: 0 for c in order}
+    left = min(n, len(labels))
+    while left > 0:                                   # water-filling: the lowest counts get the extra ones
+        open_ = sorted((c for c in order if quota[c] < len(by_class[c])), key=lambda c: quota[c])
+        share, extra = divmod(left, len(open_))
+        for r, c in enumerate(open_):
+            take = min(share + (r < extra), len(by_class[c]) - quota[c])
+            quota[c] += take
+            left -= take
+    return sorted(i for c in sorted(by_class) for i in rng.sample(by_class[c], quota[c]))
+
+
+def subset_line(indices: Sequence[int], labels: Optional[Sequence[int]]) -> str:
+    """The run log's description of the subset: ``search subset: N images, C classes, a-b per class``."""
+    if labels is None:
+        return f"search subset: {len(indices)} images, a seeded uniform sample (no class labels)"
+    counts = Counter(int(labels[i]) for i in indices)
+    per = [counts.get(c, 0) for c in set(int(y) for y in labels)]
+    return (f"search subset: {len(indices)} images, {len(counts)} classes, "
+            f"{min(per, default=0)}-{max(per, default=0)} per class")
 
 
 class GrowthController:
@@ -168,12 +224,13 @@ class GrowthController:
                 self.phases.append((k, "supernet"))
             self.phases.append((k, "train"))
         self.momentum: Optional[WeightEma] = None
-        self._pending_momentum: Optional[Dict[str, torch.Tensor]] = None
+        self._pending_momentum: Optional[Tuple[Dict[str, torch.Tensor], int]] = None
         self.entered = -1                       # the last plan stage whose start was prepared
         self.current = self.space.smallest      # the sub-network trained now (supernet: the one it grew from)
         self.order: Tuple[int, ...] = tuple(range(self.current.depth))   # its blocks (compacted: 0..d-1)
         self.supernet: Optional[ElasticSupernet] = None
         self.selections: List[Dict[str, Any]] = []
+        self.continuity: List[Dict[str, Any]] = []   # per growth: the subset loss before and after (this process)
         self.reg_fraction = 1.0
 
     # ---- the plan -----------------------------------------------------------------------------
@@ -234,15 +291,20 @@ class GrowthController:
         """The chosen schedule, its planned saving and the measured one (``speed``: the trainer's
         speed summary), for the run log after training."""
         measured = speed.get("measured_speedup")
+        search = (f", {speed['stage_start_seconds']:.1f} s of it growing and searching at stage starts"
+                  if speed.get("stage_starts_measured") else "")
         return (f"{self.describe()}\ngrowth: planned {speed.get('planned_speedup', self.planned_speedup()):.2f}x less "
                 f"block compute than {speed.get('baseline_epochs', 0):g} epochs of the complete {model}; measured "
-                + (f"{measured:.2f}x less wall time (at this run's complete-{model} throughput)"
+                + (f"{measured:.2f}x less wall time (at this run's complete-{model} throughput{search})"
                    if measured else "not available (no complete-model stage ran)"))
 
     def attach(self, task: Any, subset_loss: Optional[SubsetLoss] = None) -> None:
         """Give ``task`` the trainer's optional growth hooks (engine.trainer.Task), all delegating
         here; ``subset_loss`` is the task's Eq. 8 loss (AutoProg)."""
         self.subset_loss = subset_loss
+        line = getattr(task, "search_subset_line", None)
+        if line:
+            self.log(line)
         task.growth = self
         task.prepare_stage = self.prepare_stage
         task.before_step = self.before_step
@@ -257,9 +319,10 @@ class GrowthController:
         """MoGrow's momentum network: built on the model's device, at the first stage start."""
         if self.cfg.operator != "mogrow" or self.momentum is not None:
             return
-        self.momentum = WeightEma(model, self.cfg.momentum)
+        self.momentum = WeightEma(model, self.cfg.momentum, warmup=self.cfg.momentum_warmup)
         if self._pending_momentum is not None:
-            self.momentum.load_state_dict(self._pending_momentum)
+            self.momentum.load_state_dict(self._pending_momentum[0])
+            self.momentum.updates = self._pending_momentum[1]
             self._pending_momentum = None
 
     def prepare_stage(self, model: nn.Module, ps: PlannedStage, optimizer: Optional[torch.optim.Optimizer]) -> bool:
@@ -341,6 +404,7 @@ class GrowthController:
     def _enter(self, model: nn.Module, j: int, optimizer: torch.optim.Optimizer) -> None:
         k, phase = self.phases[j]
         if phase == "supernet":
+            before = self._measure(model, self.order, self.current)
             cands = self.auto.candidates(k)
             sup = build_supernet(self.blocks, self.order, cands, self.cfg.operator, self._momentum_blocks())
             reset_optimizer_state(optimizer, [self.blocks[s] for s in sup.optional])
@@ -349,6 +413,7 @@ class GrowthController:
                                             tuple(new[s] for s in sup.optional), sup.candidates)
             if self.cfg.operator == "mogrow":
                 self._from_momentum(model)
+            self._log_continuity(k, before, model, self.supernet.order, self.eval_subnet)
             self.log(f"growth stage {k}: supernet of {len(cands)} sub-networks (depth {len(self.order)} -> "
                      f"{len(sup.order)}) for {self.cfg.search_epochs:g} epochs: {', '.join(map(str, cands))}")
             return
@@ -361,11 +426,39 @@ class GrowthController:
         target = self.auto.subnet(k) if self.auto is not None else self.space.level(k)
         if target == self.current and j > 0:
             return
+        before = self._measure(model, self.order, self.current) if j > 0 else None
         self._grow_to(target.depth, optimizer)
         if self.cfg.operator == "mogrow" and j > 0:
             self._from_momentum(model)
         self.current = target
+        if j > 0:
+            self._log_continuity(k, before, model, self.order, target)
         self.log(f"growth stage {k}: training {target}")
+
+    def _measure(self, model: nn.Module, layers: Sequence[int], sub: SubNet) -> Optional[float]:
+        """The subset loss of ``layers`` at ``sub.size`` (eval mode, no gradients, the RNG untouched
+        so a resumed run stays bit-for-bit); None without the task's subset_loss. The caller's
+        prepare_stage activates the stage's blocks again afterwards."""
+        if self.subset_loss is None:
+            return None
+        was_training = model.training
+        model.eval()
+        dev = next(self.blocks[0].parameters()).device
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                self._activate(layers, sub)
+                return float(self.subset_loss(model, sub.size))
+        finally:
+            model.train(was_training)
+
+    def _log_continuity(self, k: int, before: Optional[float], model: nn.Module, layers: Sequence[int],
+                        sub: SubNet) -> None:
+        """Log ``growth stage K: subset loss before A, after B`` (B: the grown model, at ``sub``)."""
+        if before is None:
+            return
+        after = self._measure(model, layers, sub)
+        self.continuity.append({"stage": k, "before": before, "after": after})
+        self.log(f"growth stage {k}: subset loss before {before:.4f}, after {after:.4f} ({sub})")
 
     def _select(self, k: int, model: nn.Module) -> SubNet:
         """Eq. 8 over the supernet's candidates: losses on the fixed subset, FLOPs-proxy runtimes."""
@@ -406,7 +499,8 @@ class GrowthController:
                     "candidates": [[c.size, c.depth] for c in sup.candidates]},
                 "autoprog": self.auto.to_dict() if self.auto is not None else None,
                 "selections": list(self.selections),
-                "momentum": self.momentum.state_dict() if self.momentum is not None else None}
+                "momentum": self.momentum.state_dict() if self.momentum is not None else None,
+                "momentum_updates": self.momentum.updates if self.momentum is not None else None}
 
     def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
         """Restore before the trainer prepares the checkpoint's stage (so it does not grow again)."""
@@ -426,10 +520,14 @@ class GrowthController:
         if self.cfg.operator == "mogrow":
             if state.get("momentum") is None:
                 raise ConfigError("the resume checkpoint has no MoGrow momentum network; use a new train.output_dir")
+            # a checkpoint from before the warm-up: its EMA is past any warm-up (the constant m)
+            updates = state.get("momentum_updates")
+            updates = int(updates) if updates is not None else 10 ** 9
             if self.momentum is not None:
                 self.momentum.load_state_dict(state["momentum"])
+                self.momentum.updates = updates
             else:
-                self._pending_momentum = state["momentum"]
+                self._pending_momentum = (state["momentum"], updates)
 
     def summary(self) -> Dict[str, Any]:
         """What the run chose and planned (for logs and summary.json)."""

@@ -31,21 +31,24 @@ class StageTiming:
 class RunTiming:
     stages: Dict[int, StageTiming] = field(default_factory=dict)
     overhead_seconds: float = 0.0   # checkpoints, pictures, evaluations
+    stage_start_seconds: float = 0.0   # stage starts: per-size preparation; with growth, growing, Eq. 8's search
+                                       # and the continuity checks (part of a growth run's measured time)
 
     @property
     def total_seconds(self) -> float:
-        """Wall time of the run so far: its steps and its checkpoints, pictures and evaluations."""
-        return sum(t.seconds for t in self.stages.values()) + self.overhead_seconds
+        """Wall time of the run so far: its steps, stage starts, checkpoints, pictures and evaluations."""
+        return sum(t.seconds for t in self.stages.values()) + self.overhead_seconds + self.stage_start_seconds
 
     def state_dict(self) -> Dict[str, Any]:
         return {"stages": {str(k): vars(v).copy() for k, v in self.stages.items()},
-                "overhead_seconds": self.overhead_seconds}
+                "overhead_seconds": self.overhead_seconds, "stage_start_seconds": self.stage_start_seconds}
 
     def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
         if not state:
             return
         self.stages = {int(k): StageTiming(**v) for k, v in state["stages"].items()}
         self.overhead_seconds = float(state["overhead_seconds"])
+        self.stage_start_seconds = float(state.get("stage_start_seconds", 0.0))   # older checkpoints: not timed
 
 
 def wall_efficiency(ips: Dict[int, float], final_size: int, flops_ratio: Dict[str, float]) -> Dict[str, float]:
@@ -60,10 +63,13 @@ def wall_efficiency(ips: Dict[int, float], final_size: int, flops_ratio: Dict[st
 
 
 def measured_saving(timing: RunTiming, final_size: int, dataset_size: int, baseline_epochs: float,
-                    planned_speedup: float, flops_ratio: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-    """Summary dict: per-stage images/s, step and overhead seconds, the estimated baseline time,
-    the measured saving (None when no final-size step ran, e.g. a run stopped early) and, given
-    the model's FLOPs per size relative to the final size, the wall efficiency per size."""
+                    planned_speedup: float, flops_ratio: Optional[Dict[str, float]] = None,
+                    count_stage_starts: bool = False) -> Dict[str, Any]:
+    """Summary dict: per-stage images/s, step, stage-start and overhead seconds, the estimated
+    baseline time, the measured saving (None when no final-size step ran, e.g. a run stopped early)
+    and, given the model's FLOPs per size relative to the final size, the wall efficiency per size.
+    ``count_stage_starts`` (growth runs): the measured time is the steps plus the stage starts, as
+    growing and AutoProg's search are part of what the method costs (reported apart too)."""
     rows: List[Dict[str, Any]] = [
         {"stage": k, "size": t.size, "steps": t.steps, "images": t.images, "seconds": t.seconds,
          "images_per_s": t.images_per_s} for k, t in sorted(timing.stages.items())]
@@ -71,6 +77,8 @@ def measured_saving(timing: RunTiming, final_size: int, dataset_size: int, basel
     final = [t for t in timing.stages.values() if t.size == final_size and t.seconds > 0]
     out: Dict[str, Any] = {"stages": rows, "step_seconds": step_seconds,
                            "overhead_seconds": timing.overhead_seconds,
+                           "stage_start_seconds": timing.stage_start_seconds,
+                           "stage_starts_measured": count_stage_starts,
                            "planned_speedup": planned_speedup, "baseline_epochs": baseline_epochs,
                            "final_size_images_per_s": None, "baseline_seconds_estimate": None,
                            "measured_speedup": None, "measured_over_planned": None}
@@ -78,9 +86,9 @@ def measured_saving(timing: RunTiming, final_size: int, dataset_size: int, basel
     if final and step_seconds > 0:
         ips = sum(t.images for t in final) / sum(t.seconds for t in final)
         base = baseline_epochs * dataset_size / ips
+        run = step_seconds + (timing.stage_start_seconds if count_stage_starts else 0.0)
         out.update(final_size_images_per_s=ips, baseline_seconds_estimate=base,
-                   measured_speedup=base / step_seconds,
-                   measured_over_planned=base / step_seconds / planned_speedup)
+                   measured_speedup=base / run, measured_over_planned=base / run / planned_speedup)
     return out
 
 
@@ -111,7 +119,9 @@ def format_saving(summary: Dict[str, Any]) -> str:
         lines.append(
             f"saving: planned {summary['planned_speedup']:.2f}x less compute than {summary['baseline_epochs']:g} "
             f"epochs at the final size; measured {summary['measured_speedup']:.2f}x less wall time "
-            f"({summary['measured_over_planned']:.0%} of planned): {summary['step_seconds']:.1f} s of steps vs "
+            f"({summary['measured_over_planned']:.0%} of planned): {summary['step_seconds']:.1f} s of steps"
+            + (f" + {summary['stage_start_seconds']:.1f} s of growth and search at stage starts"
+               if summary.get("stage_starts_measured") else "") + " vs "
             f"{summary['baseline_seconds_estimate']:.1f} s for the baseline at this run's final-size "
             f"{summary['final_size_images_per_s']:.0f} img/s (+{summary['overhead_seconds']:.1f} s checkpoints, "
             "pictures, evaluation)")

@@ -708,8 +708,12 @@ class CurriculumTrainer:
                 ps = plan.stages[info.stage_index]
                 if info.stage_index != stage_idx:
                     stage_idx = info.stage_index
-                    self._start_stage(ps)
+                    t_start = time.perf_counter()
+                    self._start_stage(ps)       # growth runs: growing and Eq. 8's search, timed apart
+                    self._sync()
                     t_stage = time.perf_counter()
+                    self.timing.stage_start_seconds += t_stage - t_start
+                    t_log += t_stage - t_start
                 if self._before_step is not None:
                     info = self._before_step(self.model, info)
                 lr = plan.lr(self.step, cfg.base_lr(), cfg.warmup_epochs, cfg.min_lr)
@@ -831,7 +835,8 @@ class CurriculumTrainer:
         planned = getattr(self.task, "planned_speedup", None)
         speedup = (planned() * self.baseline_epochs / self.plan.epochs if planned is not None
                    else cur.speedup(self.plan.epochs, self.baseline_epochs))
-        return measured_saving(self.timing, cur.final_size, self.n, self.baseline_epochs, speedup, self.flops_ratio)
+        return measured_saving(self.timing, cur.final_size, self.n, self.baseline_epochs, speedup, self.flops_ratio,
+                               count_stage_starts=getattr(self.task, "growth", None) is not None)
 
     def eval_record(self) -> Dict[str, float]:
         """The last evaluation under its logged names (``eval_top1``, ``knn_top1``, ...)."""

@@ -18,6 +18,7 @@ from efficienttrain.fourier import downsample, low_frequency_crop
 from engine.config import ConfigError
 from engine.data import EvalDataset, Normalizer, check_shared_memory, eval_transform
 from engine.distributed import DistInfo
+from engine.progressive import search_subset, subset_line
 from engine.stops import ignore_stop_signals
 from engine.trainer import Prepared, RunBatches
 
@@ -83,16 +84,22 @@ class ClassificationTask:
         self._random_init = cfg.mode == "train" and not cfg.model.checkpoint
         self.growth = None                        # growth.schedule: the GrowthController (it attaches itself)
         self._subset: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.search_indices, self.search_subset_line = None, None
+        if cfg.growth.enabled:                    # Eq. 8's subset: seeded, class-stratified (the files are class-sorted)
+            self.search_indices = search_subset(self.train_labels, cfg.growth.search_images, cfg.train.seed)
+            self.search_subset_line = subset_line(self.search_indices, self.train_labels)
 
     def subset_loss(self, model: nn.Module, size: int) -> float:
-        """AutoProg's Eq. 8 loss: cross-entropy on the first ``growth.search_images`` training images
-        with the evaluation transform at the final size (fixed augmentation), shrunk to ``size`` as
-        training shrinks them."""
+        """AutoProg's Eq. 8 loss (and the growth continuity check): cross-entropy on the seeded
+        class-stratified sample of ``growth.search_images`` training images with the evaluation
+        transform at the final size (fixed augmentation), shrunk to ``size`` as training shrinks them."""
         if self._subset is None:
-            n = min(self.cfg.growth.search_images, len(self.train_files))
-            ds = EvalDataset(self.train_files[:n], self.train_labels[:n],
+            idx = self.search_indices
+            if idx is None:
+                idx = search_subset(self.train_labels, self.cfg.growth.search_images, self.cfg.train.seed)
+            ds = EvalDataset([self.train_files[i] for i in idx], [self.train_labels[i] for i in idx],
                              eval_transform(self.cfg.model.img_size, self.cfg.data.crop_pct))
-            xs, ys = zip(*(ds[i] for i in range(n)))
+            xs, ys = zip(*(ds[i] for i in range(len(idx))))
             self._subset = (torch.stack(xs), torch.as_tensor(ys))
         total, count = 0.0, 0
         for x, y in zip(self._subset[0].split(64), self._subset[1].split(64)):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,7 @@ from efficienttrain.fourier import downsample, low_frequency_crop
 from engine.data import DataError, ImageSource, Normalizer, check_shared_memory
 from engine.decode import DaliDecoder, DecodeAhead, EncodedBatch
 from engine.distributed import DistInfo
+from engine.progressive import search_subset, subset_line
 from engine.stops import ignore_stop_signals
 from engine.trainer import Prepared, RunBatches
 from evaluation.knn import KNNMonitor
@@ -21,6 +22,22 @@ from .config import PretrainConfig
 from .data import MAEPretrainDataset, center_crop_tensor
 from .models_mae import ARCHS, MaskedAutoencoderViT
 from .visualize import reconstruction_grid
+
+
+def folder_labels(source: ImageSource, root: str) -> Optional[List[int]]:
+    """The ImageFolder class (first folder under ``root``) of every image of a file source, for a
+    stratified subset; None for a flat folder, a list file or shards (no labels to stratify by)."""
+    files = getattr(source, "files", None)
+    if files is None or not os.path.isdir(root):
+        return None
+    tops = []
+    for f in files:
+        rel = os.path.relpath(f, root).split(os.sep)
+        if len(rel) < 2 or rel[0] == "..":
+            return None
+        tops.append(rel[0])
+    index = {c: i for i, c in enumerate(sorted(set(tops)))}
+    return [index[t] for t in tops]
 
 
 class MAETask:
@@ -56,13 +73,24 @@ class MAETask:
             self.evaluate = None               # no monitor: the loop has nothing to evaluate
         self.growth = None                     # growth.schedule: the GrowthController (it attaches itself)
         self._subset = None
+        self.search_indices, self.search_labels, self.search_subset_line = None, None, None
+        if cfg.growth.enabled:                 # Eq. 8's subset: folder labels when there are any
+            data_path = os.path.join(cfg.data.path, "train") if cfg.data.demo else cfg.data.path
+            self.search_labels = folder_labels(source, data_path)
+            self.search_indices = search_subset(self.search_labels, cfg.growth.search_images, cfg.train.seed,
+                                                len(source))
+            self.search_subset_line = subset_line(self.search_indices, self.search_labels)
 
     def subset_loss(self, model: MaskedAutoencoderViT, size: int) -> float:
-        """AutoProg's Eq. 8 loss: the MAE loss of the first ``growth.search_images`` readable images,
-        centre-cropped (fixed augmentation), shrunk to ``size`` as training shrinks them, with one fixed
-        mask draw (seeded) for every candidate."""
+        """AutoProg's Eq. 8 loss (and the growth continuity check): the MAE loss of the seeded
+        sample of ``growth.search_images`` images (class-stratified on an ImageFolder tree, else
+        uniform; unreadable ones left out), centre-cropped (fixed augmentation), shrunk to ``size``
+        as training shrinks them, with one fixed mask draw (seeded) for every candidate."""
         if self._subset is None:
-            self._subset = self._vis_images(self.cfg.growth.search_images)
+            if self.search_indices is None:
+                self.search_indices = search_subset(None, self.cfg.growth.search_images, self.cfg.train.seed,
+                                                    len(self.source))
+            self._subset = self._read_crops(self.search_indices)
         total, count = 0.0, 0
         devices = [self.dist.device] if self.dist.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -76,8 +104,12 @@ class MAETask:
 
     def _vis_images(self, num: int) -> torch.Tensor:
         """The first ``num`` readable images, centre-cropped: the fixed rows of every reconstruction grid."""
+        return self._read_crops(range(min(num * 4, len(self.source))), num)
+
+    def _read_crops(self, indices, num: Optional[int] = None) -> torch.Tensor:
+        """The readable images among ``indices`` (the first ``num`` of them), centre-cropped."""
         out = []
-        for i in range(min(num * 4, len(self.source))):
+        for i in indices:
             try:
                 out.append(center_crop_tensor(self.source.read(i), self.cfg.model.img_size))
             except Exception:  # unreadable files are reported by the data loader
@@ -85,7 +117,7 @@ class MAETask:
             if len(out) == num:
                 break
         if not out:
-            raise DataError(f"none of the first {num * 4} images of {self.source.name(0)!r} ... could be read; "
+            raise DataError(f"none of {len(indices)} images of {self.source.name(0)!r} ... could be read; "
                             "check data.path (image files PIL can open)")
         return torch.stack(out)
 

@@ -2,6 +2,7 @@
 stage start against the momentum network by hand, Prog / AutoProg runs of python -m finetune and
 python -m pretrain, exact resume across growth steps and inside a supernet phase, config errors."""
 import json
+from collections import Counter
 
 import pytest
 import timm
@@ -12,7 +13,12 @@ from efficienttrain.growth import SubNet, sample_candidate
 from efficienttrain.growth_ops import compaction, permute_slots
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, load_config
-from engine.progressive import GrowthConfig, GrowthController
+from engine.ema import WeightEma
+from engine.data import FileSource, image_folder
+from engine.distributed import DistInfo
+from engine.progressive import GrowthConfig, GrowthController, search_subset, subset_line
+from finetune.task import ClassificationTask
+from pretrain.task import folder_labels
 from finetune.config import FinetuneConfig
 from finetune.main import run as run_finetune
 from pretrain.config import PretrainConfig
@@ -64,7 +70,7 @@ def tiny_vit(drop_path=0.0):
                              drop_path_rate=drop_path, **VIT)
 
 
-def test_mogrow_stage_start_takes_the_interpolated_momentum_network_by_hand():
+def test_mogrow_stage_start_takes_the_interpolated_warmed_up_momentum_network_by_hand():
     model = tiny_vit(drop_path=0.1)
     ctl = GrowthController(GrowthConfig(schedule="prog"), model, final_size=32, patch_size=4, epochs=8,
                            embed_dim=32, drop_path=0.1, log=lambda m: None)
@@ -75,28 +81,93 @@ def test_mogrow_stage_start_takes_the_interpolated_momentum_network_by_hand():
     assert model.blocks.active == (0, 1)
     info = ctl.before_step(model, plan.at(0))
     assert info.size == 16
-    for _ in range(3):
+    names = ("blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight", "blocks.1.mlp.fc2.bias",
+             "blocks.1.norm1.weight", "patch_embed.proj.weight", "pos_embed", "head.weight", "norm.weight")
+    ema = {n: model.state_dict()[n].clone() for n in names}
+    for t in range(3):
         model(torch.randn(2, 3, 16, 16)).sum().backward()
         opt.step()
         opt.zero_grad()
         ctl.after_step(model)
+        d = min(0.998, (1 + t) / (10 + t))              # the warm-up: 0.1, 2/11, 0.25 (not 0.998)
+        ema = {n: d * e + (1 - d) * model.state_dict()[n] for n, e in ema.items()}
+    assert ctl.momentum.updates == 3
     assert not any(p in opt.state for p in model.blocks[2].parameters())      # inactive: never updated
-    mom = {k: v.clone() for k, v in ctl.momentum.module.state_dict().items()}
-    assert not torch.equal(mom["blocks.1.attn.qkv.weight"], model.blocks[1].attn.qkv.weight)
     kept_state = opt.state[model.blocks[1].attn.qkv.weight]["exp_avg"].clone()
     ctl.prepare_stage(model, plan.stages[1], opt)
     # 2 -> 3 blocks: Interpolation inserts a copy of the last block after it (A B B'), from the momentum network
     assert model.blocks.active == (0, 1, 2)
     sd = model.state_dict()
-    for slot, src in ((0, 0), (1, 1), (2, 1)):
-        for name in ("attn.qkv.weight", "mlp.fc2.bias", "norm1.weight"):
-            assert torch.equal(sd[f"blocks.{slot}.{name}"], mom[f"blocks.{src}.{name}"]), (slot, name)
-    for name in ("patch_embed.proj.weight", "pos_embed", "head.weight", "norm.weight"):   # Eq. 4: all of it
-        assert torch.equal(sd[name], mom[name])
+    for name, e in ema.items():                                     # Eq. 4: all of it, the new block too
+        assert torch.allclose(sd[name], e, atol=1e-6), name
+        if name.startswith("blocks.1."):
+            assert torch.allclose(sd[name.replace("blocks.1.", "blocks.2.")], e, atol=1e-6), name
     assert torch.equal(opt.state[model.blocks[1].attn.qkv.weight]["exp_avg"], kept_state)
     assert not any(p in opt.state for p in model.blocks[2].parameters())       # the new block starts fresh
     assert [model.blocks[i].drop_path1.drop_prob for i in (1, 2)] == pytest.approx([0.05, 0.1])   # 3-deep spread
     assert ctl.before_step(model, plan.at(plan.stages[1].start_step)).size == 20
+
+
+def test_momentum_warmup_decay_by_hand():
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = WeightEma(model, 0.2, warmup=True)
+    expect = 0.0
+    for t, (w, d) in enumerate(zip((1.0, 2.0, 3.0), (0.1, 2 / 11, 0.2))):   # min(0.2, 1/10), min(0.2, 2/11), min(0.2, 3/12)
+        assert ema.decay_at(t) == pytest.approx(d)
+        with torch.no_grad():
+            model.weight.fill_(w)
+        ema.update(model)
+        expect = d * expect + (1 - d) * w
+    assert ema.module.weight.item() == pytest.approx(expect) == pytest.approx(2.76)   # 0.9, 1.8, 2.76
+    assert WeightEma(model, 0.998, warmup=True).decay_at(4490) == pytest.approx(0.998)   # (10 m - 1) / (1 - m)
+    assert WeightEma(model, 0.998, warmup=True).decay_at(45) == pytest.approx(46 / 55)
+    assert WeightEma(model, 0.998).decay_at(0) == 0.998                    # the trainer's weight EMA: constant
+
+
+def test_growth_keeps_the_subset_loss_continuous_on_a_tiny_run():
+    """After 20 steps MoGrow's grown model (stage 1: one more block, a larger input) measures within
+    1.1x of the model before growth on the subset (measured: 0.451 vs 0.422); the constant-0.998 EMA
+    (no warm-up) is 96 % initialisation then and does not (1.05)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 3, 32, 32, generator=gen), torch.randint(0, 3, (24,), generator=gen)
+    x = x + 2.0 * torch.nn.functional.one_hot(y, 3).float()[:, :, None, None]   # learnable: class = bright channel
+
+    def subset_loss(model, size):
+        return float(nn.functional.cross_entropy(model(nn.functional.interpolate(x, size=size, mode="bilinear")), y))
+
+    ratios = {}
+    for warmup in (True, False):
+        logs = []
+        model = tiny_vit()
+        ctl = GrowthController(GrowthConfig(schedule="prog", momentum_warmup=warmup), model, final_size=32,
+                               patch_size=4, epochs=8, embed_dim=32, subset_loss=subset_loss, log=logs.append)
+        plan = ctl.curriculum(9.0).plan(8, 8, 8)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        ctl.prepare_stage(model, plan.stages[0], opt)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(20):                                   # minibatches of 8 at stage 0's 16 px
+            i = torch.randint(0, 24, (8,), generator=g)
+            nn.functional.cross_entropy(model(nn.functional.interpolate(x[i], size=16, mode="bilinear")),
+                                        y[i]).backward()
+            opt.step()
+            opt.zero_grad()
+            ctl.after_step(model)
+        with torch.no_grad():
+            before = subset_loss(model.eval(), 16)
+        model.train()
+        ctl.prepare_stage(model, plan.stages[1], opt)
+        (rec,) = ctl.continuity
+        assert rec["before"] == pytest.approx(before, rel=1e-6)
+        line = [m for m in logs if "subset loss" in m]
+        assert line == [f"growth stage 1: subset loss before {rec['before']:.4f}, after {rec['after']:.4f} "
+                        f"(20px x 3 blocks)"]
+        with torch.no_grad():
+            assert rec["after"] == pytest.approx(subset_loss(model.eval(), 20), rel=1e-5)
+        ratios[warmup] = rec["after"] / rec["before"]
+    assert ratios[True] <= 1.1, ratios
+    assert ratios[False] > 1.1, ratios
 
 
 def ft(data, out, *extra):
@@ -129,6 +200,12 @@ def test_prog_run_grows_size_and_depth_and_ends_with_the_timm_model(data, tmp_pa
     # the planned saving is the block-FLOPs one: sum over stages of depth * (12 N D^2 + 2 N^2 D), by hand
     cost = {s: d * (12 * (s / 4) ** 2 * 32 ** 2 + 2 * (s / 4) ** 4 * 32) for s, d in ((16, 2), (20, 3), (28, 3), (32, 4))}
     assert res["speed"]["planned_speedup"] == pytest.approx(4 * cost[32] / sum(cost.values()))
+    # the measured wall time includes growing at the stage starts (the continuity checks), also reported apart
+    sp = res["speed"]
+    assert sp["stage_starts_measured"] and sp["stage_start_seconds"] > 0
+    assert sp["measured_speedup"] == pytest.approx(sp["baseline_seconds_estimate"]
+                                                   / (sp["step_seconds"] + sp["stage_start_seconds"]))
+    assert "of growth and search at stage starts" in (out / "log.txt").read_text()
     ck = load_checkpoint(str(out / "checkpoints" / "checkpoint-latest.pth"))
     assert ck["task"]["current"] == [32, 4] and ck["meta"]["growth"]["subnets"] == [[16, 2], [20, 3], [28, 3], [32, 4]]
     loads_into_timm(out / "checkpoints" / "checkpoint-latest.pth")
@@ -145,6 +222,11 @@ def test_autoprog_decides_logs_and_resumes_exactly_across_growth_and_inside_a_su
     best = min(sel["candidates"], key=lambda c: (c["score"], c["cost"]))
     assert [best["size"], best["depth"]] == sel["choice"]
     loads_into_timm(full / "checkpoints" / "checkpoint-latest.pth")
+    log = (full / "log.txt").read_text()
+    assert log.count("search subset: 12 images, 4 classes, 3-3 per class") == 1
+    assert ck["task"]["momentum_updates"] == res["step"]           # the warm-up's t, checkpointed
+    # every growth (the two supernets, the complete model) logs its continuity check
+    assert [int(ln.split()[2].rstrip(":")) for ln in log.splitlines() if "subset loss before" in ln] == [1, 2, 3]
     # the supernet phase (plan stage 1): each step trains the seeded sample's size
     plan = json.loads((full / "plan.json").read_text())["rows"]
     sup = range(plan[1]["start_step"], plan[1]["end_step"])
@@ -206,3 +288,33 @@ def test_growth_refuses_models_it_cannot_grow(data, tmp_path):
         run_finetune(ft(data, tmp_path / "r", "growth.schedule=prog", "model.name=resnet18", "model.kwargs={}"))
     with pytest.raises(ConfigError, match="LayerScale"):
         run_finetune(ft(data, tmp_path / "i", "growth.schedule=prog", "growth.operator=identity"))
+
+
+def test_search_subset_is_seeded_class_stratified_and_logged():
+    labels = [0] * 10 + [1] * 3 + [2] * 7                 # class-sorted, as a folder listing is
+    idx = search_subset(labels, 12, seed=0)
+    counts = Counter(labels[i] for i in idx)
+    assert counts[1] == 3 and sorted((counts[0], counts[2])) == [4, 5]   # 12 / 3 = 4; class 1 gives its 3, the spare 1 goes on
+    assert idx == sorted(set(idx)) and search_subset(labels, 12, seed=0) == idx     # the same for the same seed (resume)
+    assert search_subset(labels, 12, seed=1) != idx
+    assert subset_line(idx, labels) == f"search subset: 12 images, 3 classes, 3-{max(counts.values())} per class"
+    assert search_subset(labels, 50, seed=0) == list(range(20))                     # more than there are: all
+    assert subset_line(search_subset(labels, 2, seed=0), labels).endswith("2 classes, 0-1 per class")
+    flat = search_subset(None, 5, seed=0, total=100)
+    assert len(set(flat)) == 5 and flat == sorted(flat) and flat == search_subset(None, 5, seed=0, total=100)
+    assert subset_line(flat, None) == "search subset: 5 images, a seeded uniform sample (no class labels)"
+
+
+def test_finetune_and_mae_tasks_sample_the_subset_over_all_classes(data, tmp_path):
+    files, labels, classes = image_folder(f"{data}/train")
+    cfg = ft(data, tmp_path / "t", "growth.schedule=autoprog", "growth.search_images=8")
+    task = ClassificationTask(cfg, files, labels, [], [], DistInfo())
+    counts = Counter(labels[i] for i in task.search_indices)
+    assert len(task.search_indices) == 8 and sorted(counts) == [0, 1, 2, 3] and set(counts.values()) == {2}
+    assert task.search_subset_line == "search subset: 8 images, 4 classes, 2-2 per class"
+    assert task.search_indices == ClassificationTask(cfg, files, labels, [], [], DistInfo()).search_indices
+    assert labels[:8] == [0] * 8                          # the first N files, the old subset: one class
+    src = FileSource(files)
+    assert folder_labels(src, f"{data}/train") == labels                          # ImageFolder: the folder labels
+    assert folder_labels(src, f"{data}/train/{classes[0]}") is None               # files outside the root: none
+    assert folder_labels(FileSource(files[:3]), f"{data}/train/{classes[0]}") is None   # a flat folder: none
