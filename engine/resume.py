@@ -46,7 +46,8 @@ LEGACY_DEFAULTS: Dict[str, Any] = {"model.resize": "forward", "train.accum_by_st
                                    "train.ema_eval": True,
                                    **{f"growth.{k}": v for k, v in (
                                        ("schedule", "none"), ("omega", 0.5), ("stages", 4), ("operator", "mogrow"),
-                                       ("momentum", 0.998), ("momentum_warmup", False), ("search_epochs", 2.0), ("search_first", False),
+                                       ("momentum", 0.998), ("momentum_warmup", False), ("search_epochs", 2.0),
+                                       ("search_first", False),
                                        ("search_images", 256), ("alpha", None), ("adareg", False),
                                        ("multiple_of", None))}}
 
