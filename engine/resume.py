@@ -41,8 +41,8 @@ NEVER: Tuple[str, ...] = (
 )
 _ABSENT = "(absent)"
 # What a key added later meant in checkpoints written before it existed
-LEGACY_DEFAULTS: Dict[str, Any] = {"model.resize": "forward", "train.accum_by_stage": False, "model.builder": "timm", "recipe": "none",
-                                   "opt_eps": 1e-8, "data.replay_chunks": 1, "train.ema_decay": 0.0,
+LEGACY_DEFAULTS: Dict[str, Any] = {"model.resize": "forward", "train.accum_by_stage": False, "model.builder": "timm",
+                                   "recipe": "none", "opt_eps": 1e-8, "data.replay_chunks": 1, "train.ema_decay": 0.0,
                                    "train.ema_eval": True,
                                    **{f"growth.{k}": v for k, v in (
                                        ("schedule", "none"), ("omega", 0.5), ("stages", 4), ("operator", "mogrow"),
