@@ -1214,3 +1214,21 @@ def test_memory_estimate_counts_parameters_and_optimizer_state():
     assert res["Parameter"] == pytest.approx(4 * n / GIB, rel=1e-3)           # fp32 weights
     assert res["Optstate"] == pytest.approx(2 * 4 * n / GIB, rel=0.01)        # AdamW: 2 moments (+ steps)
     assert res["Total"] > res["Parameter"] + res["Optstate"]
+
+
+def test_det_train_refuses_a_work_dir_a_live_run_holds(demo_encoder, demo_coco, tmp_path, capsys):
+    """One live run per work dir: a second det_train.py into it exits 2 naming the holder, before
+    anything is built or written there."""
+    from engine.stops import RunLock
+
+    train = _load_tool("det_train")
+    wd = tmp_path / "wd"
+    holder = RunLock(str(wd), "the first detection run").acquire()      # another open file: the flock conflicts
+    try:
+        assert train.main([DEMO_CFG, "--work-dir", str(wd), "--cfg-options", f"data_root={demo_coco}",
+                           f"pretrained={demo_encoder['encoder']}"]) == 2
+        err = capsys.readouterr().err
+        assert f"{wd} is in use by a live run (pid {os.getpid()}" in err and "the first detection run" in err
+        assert sorted(os.listdir(wd)) == ["run.lock"]
+    finally:
+        holder.release()

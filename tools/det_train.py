@@ -38,6 +38,7 @@ from detection.cli import (MetricsCapture, add_common_args, build_runner, check_
 from detection.runner import DetRunner  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.errors import run_cli  # noqa: E402
+from engine.stops import RunLock  # noqa: E402
 import make_demo_coco  # noqa: E402  (tools/)
 
 
@@ -112,15 +113,23 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         print("\n".join([*said, f"work dir: {os.path.abspath(cfg.work_dir)}",
                          "dry run: the config, checkpoints and data check out; nothing was built or written"]))
         return {"dry_run": True, "work_dir": cfg.work_dir}
-    ensure_demo_data(cfg, make_demo_coco.generate)
-    if args.resume == "auto" and not _has_checkpoint(cfg.work_dir):
-        print(f"--resume: no checkpoint in {cfg.work_dir} yet; starting from scratch")
-    runner = build_runner(cfg)
-    if isinstance(runner, DetRunner):
-        runner.checkpoint_label = label
-    capture = MetricsCapture()
-    runner.register_hook(capture, priority="LOWEST")
-    runner.train()
+    # one live run per work dir (the first process of a multi-GPU job holds it)
+    lock = RunLock(cfg.work_dir, " ".join(sys.argv)).acquire() if os.environ.get("RANK", "0") == "0" else None
+    try:
+        if lock is not None and lock.notice:
+            print(lock.notice)
+        ensure_demo_data(cfg, make_demo_coco.generate)
+        if args.resume == "auto" and not _has_checkpoint(cfg.work_dir):
+            print(f"--resume: no checkpoint in {cfg.work_dir} yet; starting from scratch")
+        runner = build_runner(cfg)
+        if isinstance(runner, DetRunner):
+            runner.checkpoint_label = label
+        capture = MetricsCapture()
+        runner.register_hook(capture, priority="LOWEST")
+        runner.train()
+    finally:
+        if lock is not None:
+            lock.release()
     return {"runner": runner, "metrics": capture.metrics, "work_dir": cfg.work_dir}
 
 
