@@ -409,5 +409,3 @@ class DecodeAhead:
         if held is not None:
             yield held
 
-
-DeviceDecoder = DaliDecoder     # the former name (tools/benchmark_pretrain.py and old scripts)

@@ -4,7 +4,7 @@
 Default mode, in one run on one device: for every distinct input size of the curriculum, training
 images/s on synthetic uint8 batches already on the device (low-frequency crop + normalise +
 forward/backward/AdamW step), the crop's share of the step time, peak memory, and, with ``--data``,
-the images/s the real data pipeline delivers (``--decode cpu|device``).
+the images/s the real data pipeline delivers (``--decode cpu|dali``).
 
 ``--compare-demo``: times whole pretraining runs (process start to exit, as a user would) of a
 config's curriculum and of its baseline (every sample at the final size for
@@ -40,7 +40,7 @@ from efficienttrain.curriculum import get_curriculum  # noqa: E402
 from efficienttrain.fourier import low_frequency_crop  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.data import open_image_source  # noqa: E402
-from engine.decode import DeviceDecoder, EncodedBatch  # noqa: E402
+from engine.decode import DaliDecoder, EncodedBatch  # noqa: E402
 from engine.trainer import param_groups  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from engine.data import Normalizer  # noqa: E402
@@ -136,7 +136,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     ap.add_argument("--data", default=None, help="image folder / list / shards: also measure the real data pipeline")
-    ap.add_argument("--decode", default="cpu", choices=["cpu", "device"], help="data pipeline path for --data")
+    ap.add_argument("--decode", default="cpu", choices=["cpu", "dali", "device"],
+                    help="data pipeline path for --data (device: the former name of dali)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -194,7 +195,7 @@ def main() -> int:
     if args.data:
         source = open_image_source(args.data)
         ds = MAEPretrainDataset(source, args.img_size, decode=args.decode)
-        decoder = DeviceDecoder(args.img_size, device, ds.fallback) if args.decode == "device" else None
+        decoder = DaliDecoder(args.img_size, device, ds.fallback) if args.decode in ("dali", "device") else None
         n = min(len(source), args.batch * (args.steps + args.warmup))
         idx = [(i % len(source), i, 0.0, args.img_size) for i in range(n)]
         batches = [idx[i:i + args.batch] for i in range(0, n - args.batch + 1, args.batch)]
