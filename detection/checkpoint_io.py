@@ -23,12 +23,15 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
 from engine.checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint
-from pretrain.pos_embed import resample_pos_embed
+from engine.pos_embed import resample_pos_embed
+
+from .safe_load import mmengine_checkpoint_globals
 
 # (key prefix in the file, why the backbone does not use it)
 UNUSED_IN_FILE: Tuple[Tuple[str, str], ...] = (
@@ -58,13 +61,11 @@ class CheckpointMismatchError(CheckpointError):
 
 def read_checkpoint(path: str, what: str, expected: str, mmap: bool = False) -> Any:
     """``path`` loaded on the CPU with ``weights_only=True`` (mmengine training checkpoints'
-    log history allowed: see :func:`detection.runner.mmengine_checkpoint_globals`), or
+    log history allowed: see :func:`detection.safe_load.mmengine_checkpoint_globals`), or
     :class:`CheckpointError` naming ``what`` (the setting the path came from) and ``expected``.
 
     ``mmap=True`` leaves the tensors on disk where the file's format allows (a cheap up-front
     check of a large file: only its pickled structure is read)."""
-    from .runner import mmengine_checkpoint_globals   # runner imports this module
-
     path = os.path.expanduser(path)
     check_checkpoint_file(path, what, expected)
     with mmengine_checkpoint_globals():
@@ -257,8 +258,10 @@ def _describe(model: nn.Module) -> str:
     return f"{type(model).__name__}({geometry})"
 
 
-def _check(model: nn.Module, path: str, what: str, mmap: bool = False, prefix: Optional[str] = None,
-           ) -> Tuple[Dict[str, torch.Tensor], KeyReport]:
+def check_file(model: nn.Module, path: str, what: str, mmap: bool = False, prefix: Optional[str] = None,
+               ) -> Tuple[Dict[str, torch.Tensor], KeyReport]:
+    """``path``'s state dict mapped onto ``model`` and the key report, or :class:`CheckpointMismatchError`
+    (``mmap``: shapes only, for a check on a ``meta`` model)."""
     sd, meta = read_state_dict(path, what, mmap=mmap, prefix=prefix)
     mapped, report = map_state_dict(sd, model, path)
     if meta.get("kind"):
@@ -277,23 +280,8 @@ def load_backbone_checkpoint(model: nn.Module, path: str, logger: Optional[loggi
     """Load ``path`` into ``model`` and log the key report; any real error raises
     :class:`CheckpointMismatchError` before a single weight is copied. ``what`` names the setting
     the path came from in errors; ``prefix`` selects the keys under it (``'backbone.'``)."""
-    mapped, report = _check(model, path, what, prefix=prefix)
+    mapped, report = check_file(model, path, what, prefix=prefix)
     model.load_state_dict(mapped, strict=False)
     if logger is not None:
         logger.info(report.format())
     return report
-
-
-def check_backbone_checkpoint(backbone_cfg: Mapping[str, Any], path: str, what: str = "pretrained") -> KeyReport:
-    """What :func:`load_backbone_checkpoint` would do with ``path`` for the backbone of a config
-    (``model.backbone``: a ``PlainViT`` dict), without its cost: the backbone is built on the
-    ``meta`` device and the file memory-mapped, so only shapes are compared. Raises
-    :class:`CheckpointError` / :class:`CheckpointMismatchError` as loading would (entry points
-    call it before the expensive steps of a run: building datasets, the optimizer)."""
-    from .vit import PlainViT   # vit imports this module
-
-    kwargs = {k: v for k, v in backbone_cfg.items() if k not in ("type", "_scope_", "init_cfg")}
-    init_cfg = backbone_cfg.get("init_cfg") or {}
-    with torch.device("meta"):
-        model = PlainViT(**kwargs)
-    return _check(model, path, what, mmap=True, prefix=init_cfg.get("prefix"))[1]

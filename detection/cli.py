@@ -6,7 +6,9 @@ the entry points' ``engine.errors.run_cli`` turns into exit code 2 and a message
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mmengine.config import Config, DictAction
@@ -17,10 +19,13 @@ from mmengine.runner import Runner
 from engine.config import ConfigError
 from engine.data import DataError
 
-from .checkpoint_io import KeyReport, check_backbone_checkpoint
+from .checkpoint_io import KeyReport
+from .custom import resolve_derived
 from .runner import DetRunner, read_detector_checkpoint
 from .swin import check_swin_checkpoint
-from .user_settings import USER_VARIABLES, check_model_config, describe, rebind, user_values  # noqa: F401
+from .vit import check_backbone_checkpoint
+from .user_settings import (USER_VARIABLES, apply_image_size, check_model_config, describe,  # noqa: F401
+                            leaf_datasets, parse_config_file, rebind, user_values)
 
 COCO_COLUMNS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 CONFIG_EXTENSIONS = (".py", ".json", ".yaml", ".yml")   # what mmengine's Config.fromfile reads
@@ -28,15 +33,20 @@ CONFIG_EXTENSIONS = (".py", ".json", ".yaml", ".yml")   # what mmengine's Config
 
 def apply_cfg_options(cfg: Config, options: Optional[Dict[str, Any]]) -> List[str]:
     """Merge ``--cfg-options`` into ``cfg``; a changed user variable (``data_root``, ``pretrained``)
-    is re-applied to every string derived from its old value (:func:`detection.user_settings.rebind`).
-    Fields the options set explicitly keep their value. Returns the paths of the fields it changed."""
+    is re-applied to every string derived from its old value (:func:`detection.user_settings.rebind`;
+    ``pretrained=None``: random initialisation), ``image_size`` to every input size
+    (:func:`detection.user_settings.apply_image_size`, which wins over explicit size keys). Fields the
+    options set explicitly keep their value otherwise. Returns the paths of the fields it changed."""
     if not options:
         return []
     before = user_values(cfg)
     cfg.merge_from_dict(options)
     explicit = set(options)
-    return rebind(cfg, {k: v for k, v in before.items() if k in options},
-                  keep=lambda path: any(path == e or path.startswith(e + ".") for e in explicit))
+    keep = lambda path: any(path == e or path.startswith(e + ".") for e in explicit)  # noqa: E731
+    changed = rebind(cfg, {k: v for k, v in before.items() if k in options}, keep=keep)
+    if "image_size" in options:
+        changed += apply_image_size(cfg, cfg.image_size)
+    return changed
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -49,9 +59,12 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
 
 
-def load_config(args: argparse.Namespace) -> Config:
-    """``args.config`` with ``--cfg-options`` applied (see :func:`apply_cfg_options`), the launcher
-    and the work dir (``--work-dir``, the config's, or ``work_dirs/<config name>``) set."""
+def load_config(args: argparse.Namespace, load_from: Optional[str] = None) -> Config:
+    """``args.config`` with ``--cfg-options`` applied (see :func:`apply_cfg_options`), what the
+    config leaves to its files derived (:func:`detection.custom.resolve_derived`: the encoder's
+    geometry from ``pretrained``, or from ``load_from`` when given and ``pretrained`` is absent;
+    ``classes = None`` from the annotation file), the launcher and the work dir (``--work-dir``,
+    the config's, or ``work_dirs/<config name>``) set."""
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     expected = "expected an MMDetection config file (.py), e.g. configs/detection/retinanet_vit-tiny-mae_sfp_demo.py"
     ext = os.path.splitext(args.config)[1]
@@ -62,7 +75,7 @@ def load_config(args: argparse.Namespace) -> Config:
         raise ConfigError(f"config {args.config!r} is a {ext or 'extension-less'} file; {expected} "
                           "(the config comes first, then the checkpoint)")
     try:
-        cfg = Config.fromfile(args.config)
+        cfg = parse_config_file(args.config)
     except SyntaxError as e:
         raise ConfigError(f"config {args.config!r} is not valid Python: {e.msg} at line {e.lineno} of "
                           f"{e.filename}") from None
@@ -72,6 +85,12 @@ def load_config(args: argparse.Namespace) -> Config:
     rebound = apply_cfg_options(cfg, args.cfg_options)
     if rebound:
         print(f"--cfg-options {describe(rebound, limit=len(rebound))}")
+    if "pretrained" in cfg and cfg.pretrained is None:
+        print("pretrained=None: the backbone starts from random weights (no checkpoint is loaded)")
+    if load_from is not None:
+        cfg.load_from = load_from
+    for line in resolve_derived(cfg):
+        print(f"derived: {line}")
     check_model_config(cfg)
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or os.path.join(
@@ -133,20 +152,38 @@ def ensure_demo_data(cfg: Config, generate: Callable[..., str]) -> Optional[str]
     return generate(cfg.data_root, key="data_root")
 
 
-def _datasets(ds: Any) -> List[Mapping]:
-    """The leaf dataset configs of a dataloader's ``dataset`` (wrappers such as RepeatDataset,
-    ClassBalancedDataset or ConcatDataset unwrapped)."""
-    if not isinstance(ds, Mapping):
-        return []
-    if isinstance(ds.get("datasets"), (list, tuple)):
-        return [leaf for d in ds["datasets"] for leaf in _datasets(d)]
-    if isinstance(ds.get("dataset"), Mapping):
-        return _datasets(ds["dataset"])
-    return [ds]
+_datasets = leaf_datasets
 
 
 def _local(path: str) -> bool:
     return "://" not in path          # a URL (s3://, http://) is the file backend's to check
+
+
+FIRST_FILE_NAME = re.compile(rb'"file_name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _check_first_image(loader: str, ann: str, folder: str, root: str) -> None:
+    """The first image the annotation file names must be in ``folder`` (cheap: the file's first
+    256 KiB are searched for the first ``file_name``; nothing is said when none is found there)."""
+    try:
+        with open(ann, "rb") as f:
+            head = f.read(256 * 1024)
+    except OSError:
+        return
+    if not head.lstrip().startswith(b"{"):
+        raise DataError(f"{loader}.dataset.ann_file {ann!r} is not a COCO-format JSON annotation file (it does not "
+                        "start with '{'): check data_root (--cfg-options data_root=/path/to/coco/)")
+    m = FIRST_FILE_NAME.search(head)
+    if m is None:
+        return
+    try:
+        name = json.loads(b'"' + m.group(1) + b'"')
+    except ValueError:
+        return
+    if not os.path.isfile(os.path.join(folder, name)):
+        raise DataError(f"{loader}: the first image of {ann!r}, {name!r}, is not in {folder!r} (data_root {root!r}): "
+                        "the image folder does not match the annotation file; check data_root and "
+                        f"{loader}.dataset.data_prefix.img")
 
 
 def check_data_files(cfg: Config, loaders: Sequence[str]) -> List[str]:
@@ -179,6 +216,9 @@ def check_data_files(cfg: Config, loaders: Sequence[str]) -> List[str]:
                     raise DataError(f"{loader}.dataset.data_prefix.img {path!r} is not a folder (data_root "
                                     f"{root!r}); expected the folder of the images the annotations name, e.g. "
                                     "DATA_ROOT/train2017/: check data_root (--cfg-options data_root=/path/to/coco/)")
+                if ann and _local(path):
+                    _check_first_image(loader, ann if os.path.isabs(ann) or not root else os.path.join(root, ann),
+                                       path, root)
                 found.append(f"images {path}")
             if found:
                 lines.append(f"{loader}: " + ", ".join(found))

@@ -6,7 +6,8 @@ unpickler refuses, so ``--resume`` and loading a trained detector fail (a known 
 Rather than switching to ``weights_only=False`` (arbitrary code on load), :class:`DetRunner`
 allowlists exactly those types while it loads checkpoints: ``HistoryBuffer``, numpy arrays and
 dtypes, and, in place of the builtin ``getattr``, a function that only returns a ``HistoryBuffer``'s
-registered statistic methods. Everything else in a checkpoint is still refused.
+registered statistic methods (:func:`detection.safe_load.mmengine_checkpoint_globals`). Everything
+else in a checkpoint is still refused.
 
 A local checkpoint file that cannot be used (missing, not a checkpoint, no training state for a
 resume, none of the detector's weights) raises :class:`engine.checkpoint.CheckpointError` naming
@@ -16,14 +17,10 @@ up-front check.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import pickle
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
-from mmengine.logging import HistoryBuffer
 from mmengine.model import is_model_wrapper
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
@@ -32,41 +29,10 @@ from mmengine.runner.checkpoint import _load_checkpoint_to_model
 from engine.checkpoint import CheckpointError
 
 from .checkpoint_io import read_checkpoint
+from .safe_load import mmengine_checkpoint_globals
 
-try:  # numpy >= 2
-    from numpy._core import multiarray as _np_multiarray
-except ImportError:  # numpy 1.x
-    from numpy.core import multiarray as _np_multiarray  # type: ignore[no-redef]
-
-_DTYPE_CHARS = "?bBhHiIlLqQefdgFDG"
 DETECTOR_EXPECTED = ("a detector checkpoint written by tools/det_train.py (WORK_DIR/epoch_N.pth or iter_N.pth); "
                      "backbone weights (MAE / timm files) go in `pretrained` instead")
-
-
-def history_buffer_method(obj: Any, name: str) -> Callable:
-    """The ``getattr`` a checkpoint may call: a statistic method (min / max / mean / current or
-    one registered with ``HistoryBuffer.register_statistics``) of ``HistoryBuffer`` or of one of
-    its instances, nothing else."""
-    owner = obj is HistoryBuffer or isinstance(obj, HistoryBuffer)
-    allowed = {"min", "max", "current", "mean", *HistoryBuffer._statistics_methods}
-    if owner and isinstance(name, str) and name in allowed:
-        return getattr(obj, name)
-    what = obj.__name__ if isinstance(obj, type) else f"a {type(obj).__name__}"
-    raise pickle.UnpicklingError(f"checkpoint asks for attribute {name!r} of {what}; only "
-                                 "HistoryBuffer statistic methods are allowed")
-
-
-def _safe_globals() -> List[Union[Callable, tuple]]:
-    dtypes = sorted({type(np.dtype(c)) for c in _DTYPE_CHARS}, key=lambda t: t.__name__)
-    return [HistoryBuffer, np.ndarray, np.dtype, _np_multiarray._reconstruct, _np_multiarray.scalar, *dtypes,
-            (history_buffer_method, "builtins.getattr")]
-
-
-@contextlib.contextmanager
-def mmengine_checkpoint_globals() -> Iterator[None]:
-    """Within the block, ``torch.load(weights_only=True)`` reads mmengine training checkpoints."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        yield
 
 
 def _strip(key: str) -> str:
@@ -126,19 +92,42 @@ class DetRunner(Runner):
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "DetRunner":
-        """As mmengine's, after re-applying a changed ``data_root`` / ``pretrained`` to the fields
-        derived from them (:func:`detection.user_settings.rebind_from_file`: mmdet's own
-        ``tools/train.py`` / ``test.py`` merge ``--cfg-options`` literally) and checking the
-        backbone against the padded square (:func:`detection.user_settings.check_model_config`)."""
+        """As mmengine's, after re-applying a changed ``data_root`` / ``pretrained`` /
+        ``image_size`` to the fields derived from them (:func:`detection.user_settings.rebind_from_file`:
+        mmdet's own ``tools/train.py`` / ``test.py`` merge ``--cfg-options`` literally), making the
+        optimizer wrapper follow ``amp`` and the device (:func:`detection.amp.resolve_amp`: an
+        ``AmpOptimWrapper`` trains in fp32 on a machine without CUDA, with a logged notice) and
+        deriving what the config leaves to its files (:func:`detection.custom.resolve_derived`) and
+        checking the backbone against the padded square
+        (:func:`detection.user_settings.check_model_config`)."""
+        from .amp import resolve_amp
+        from .custom import resolve_derived
         from .user_settings import check_model_config, describe, rebind_from_file
 
         cfg = copy.deepcopy(cfg)
-        note = describe(rebind_from_file(cfg))
+        changed = rebind_from_file(cfg)
+        note = describe(changed)
+        derived = resolve_derived(cfg)
+        amp_notice = resolve_amp(cfg)
         check_model_config(cfg)
         runner = super().from_cfg(cfg)
         if note:
             runner.logger.info(note)
+        for line in derived:
+            runner.logger.info(f"derived: {line}")
+        if any(path.endswith("init_cfg") for path in changed):    # pretrained=None (our entry points say it too)
+            runner.logger.info("pretrained=None: the backbone starts from random weights (no checkpoint is loaded)")
+        runner.amp_notice = amp_notice          # logged when training starts (not for a test-only run)
         return runner
+
+    amp_notice: Optional[str] = None
+
+    def train(self) -> Any:
+        """As mmengine's, after logging the AMP notice of :meth:`from_cfg` (once)."""
+        if self.amp_notice:
+            self.logger.warning(self.amp_notice)
+            self.amp_notice = None
+        return super().train()
 
     def resume(self, filename: str, *args: Any, **kwargs: Any) -> None:
         self._resuming = True

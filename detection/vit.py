@@ -21,7 +21,7 @@ few renames (:mod:`detection.checkpoint_io`).
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Sequence, Set, Tuple
+from typing import Any, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,9 +34,9 @@ from torch.utils.checkpoint import checkpoint
 from mmdet.registry import MODELS
 
 from engine.config import ConfigError
-from pretrain.pos_embed import resample_pos_embed
+from engine.pos_embed import resample_pos_embed
 
-from .checkpoint_io import load_backbone_checkpoint
+from .checkpoint_io import KeyReport, check_file, load_backbone_checkpoint
 
 # ViTDet's global-attention blocks (the others use windows) per depth.
 DEFAULT_GLOBAL_BLOCKS = {12: (2, 5, 8, 11), 24: (5, 11, 17, 23), 32: (7, 15, 23, 31)}
@@ -185,3 +185,16 @@ class PlainViT(BaseModule):
             else:
                 x = blk(x)
         return (x.permute(0, 3, 1, 2).contiguous(),)
+
+
+def check_backbone_checkpoint(backbone_cfg: Mapping[str, Any], path: str, what: str = "pretrained") -> KeyReport:
+    """What :func:`load_backbone_checkpoint` would do with ``path`` for the backbone of a config
+    (``model.backbone``: a ``PlainViT`` dict), without its cost: the backbone is built on the
+    ``meta`` device and the file memory-mapped, so only shapes are compared. Raises
+    :class:`CheckpointError` / :class:`CheckpointMismatchError` as loading would (entry points
+    call it before the expensive steps of a run: building datasets, the optimizer)."""
+    kwargs = {k: v for k, v in backbone_cfg.items() if k not in ("type", "_scope_", "init_cfg")}
+    init_cfg = backbone_cfg.get("init_cfg") or {}
+    with torch.device("meta"):
+        model = PlainViT(**kwargs)
+    return check_file(model, path, what, mmap=True, prefix=init_cfg.get("prefix"))[1]

@@ -3,18 +3,26 @@
 Examples::
 
     python -m efficienttrain list
-    python -m efficienttrain show etpp --epochs 200
-    python -m efficienttrain show et --epochs 300 --final-size 384 --multiple-of 32 --json
+    python -m efficienttrain show etpp epochs=200
+    python -m efficienttrain show et epochs=300 final_size=384 multiple_of=32 json=true
+    python -m efficienttrain show etpp --epochs 200          # the --flags are aliases of the keys
     python -m efficienttrain show my_curriculum.yaml --plot curriculum.png
-    python -m efficienttrain show etpp --epochs 200 --model swin_tiny_patch4_window7_224
-    python -m efficienttrain search configs/search/demo_etpp.yaml [--output DIR] [key=value ...]
+
+The library's own commands only: it knows no model and trains nothing. The commands that need the
+training engine live in the driver layer, :mod:`evaluation.curriculum` (the same ``list`` and
+``show``, plus ``show --model`` and ``search``)::
+
+    python -m evaluation.curriculum show etpp --epochs 200 --model swin_tiny_patch4_window7_224
+    python -m evaluation.curriculum search configs/search/demo_etpp.yaml [--output DIR] [key=value ...]
+
+Given those here, ``python -m efficienttrain`` says where they went and exits 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .curriculum import BUILTIN, DEFAULT_MULTIPLE_OF, Curriculum, CurriculumError, get_curriculum
 from .plot import plot_curriculum
@@ -24,7 +32,7 @@ DEFAULT_EPOCHS = {"epochs": 300.0, "compute": 200.0}
 
 def format_table(cur: Curriculum, epochs: float, baseline_epochs: float,
                  flops: Optional[Dict[str, Any]] = None) -> str:
-    """The stage table; with ``flops`` (:func:`model_flops`) two more columns (a sample's pixel and
+    """The stage table; with ``flops`` (:func:`evaluation.curriculum.model_flops`) two more columns (a sample's pixel and
     FLOP cost relative to the final size) and the FLOP-based saving under the pixel one."""
     unit = "epochs" if cur.budget == "epochs" else "equivalent epochs at the final size"
     extra = f" {'px cost':>8} {'FLOP cost':>9}" if flops else ""
@@ -50,27 +58,43 @@ def format_table(cur: Curriculum, epochs: float, baseline_epochs: float,
     return "\n".join(lines)
 
 
-def model_flops(cur: Curriculum, epochs: float, baseline_epochs: float, model: str) -> Dict[str, Any]:
-    """Training FLOPs per sample of the timm ``model`` at every stage size, prepared as the official
-    code trains it (engine.flops.timm_builder), and the saving they give the plan. Imports timm
-    only here: the curriculum library itself does not need it."""
-    from engine.flops import flop_ratios, flop_saving, flops_per_sample, is_swin, timm_builder
-
-    per_size = flops_per_sample(timm_builder(model), [st.size for st in cur.stages],
-                                log=lambda m: print(m, file=sys.stderr))
-    rule = ("Swin: img_size = size, window_size = size // 32" if is_swin(model)
-            else "built for each size (img_size = size where the model takes it)")
-    return {"model": model, "rule": rule,
-            "per_sample": {str(s): v for s, v in per_size.items()},
-            "ratio": {str(s): r for s, r in flop_ratios(per_size, cur.final_size).items()},
-            "speedup": flop_saving(cur, epochs, baseline_epochs, per_size)}
+DRIVER = "python -m evaluation.curriculum"   # show --model and search: they need the training engine
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m efficienttrain", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+SHOW_KEYS: Dict[str, type] = {"epochs": float, "baseline_epochs": float, "final_size": int, "multiple_of": int,
+                              "json": bool, "plot": str}
+
+
+def apply_settings(args: argparse.Namespace, items: List[str], keys: Dict[str, type] = SHOW_KEYS) -> Optional[str]:
+    """``show``'s ``key=value`` settings (``epochs=200``), the same as its ``--flags`` (a key=value
+    wins), set on ``args``; the error line for an item that is not one, else None."""
+    for item in items:
+        key, eq, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in keys:
+            return (f"error: {item!r} is not a setting of show; settings (key=value, or the same --flags): "
+                    + ", ".join(keys))
+        tp = keys[key]
+        try:
+            if tp is bool:
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError
+                value: Any = raw.lower() == "true"
+            else:
+                value = tp(raw)
+        except ValueError:
+            return f"error: {key}={raw}: expected {'true or false' if tp is bool else 'an integer' if tp is int else 'a number'}"
+        setattr(args, key, value)
+    return None
+
+
+def add_commands(sub: Any) -> Dict[str, argparse.ArgumentParser]:
+    """The ``list`` and ``show`` sub-commands (the driver adds ``show --model`` and ``search``)."""
     sub.add_parser("list", help="list the built-in curricula")
-    show = sub.add_parser("show", help="print a curriculum's stage table")
+    show = sub.add_parser("show", help="print a curriculum's stage table",
+                          usage="%(prog)s NAME [key=value ...]",
+                          epilog="settings are key=value after NAME (epochs=200 final_size=384 json=true "
+                                 "plot=FILE.png ...); the --flags above are their aliases")
     show.add_argument("name", help=f"built-in name ({', '.join(BUILTIN)}) or a YAML file")
     show.add_argument("--epochs", type=float, default=None,
                       help="budget: epochs (epochs mode, default 300) or equivalent epochs (compute mode, default 200)")
@@ -80,42 +104,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help=f"round sizes to multiples of this (patch size; 32 for ConvNets; default {DEFAULT_MULTIPLE_OF})")
     show.add_argument("--json", action="store_true", help="print JSON instead of a text table")
     show.add_argument("--plot", metavar="FILE.png", help="also write a plot of size and magnitude vs progress")
-    show.add_argument("--model", metavar="TIMM_NAME",
-                      help="also count this timm model's training FLOPs at every stage size (ViT/DeiT built with "
-                           "img_size=size, Swin with img_size=size and window_size=size // 32, ConvNets as is) "
-                           "and print the FLOP-based speedup beside the pixel one")
-    search = sub.add_parser("search", help="find a curriculum with short proxy training runs (EfficientTrain "
-                                           "Algorithm 1 or the EfficientTrain++ compute-constrained search)")
-    search.add_argument("proxy", help="proxy YAML (see configs/search/ and evaluation/search_runner.py)")
-    search.add_argument("overrides", nargs="*", help="key=value overrides of the proxy, e.g. budget=8 stages=4")
-    search.add_argument("--output", metavar="DIR", help="output folder (default: the proxy's output_dir, else "
-                                                        "runs/search/<name>); rerunning continues the search there")
-    args = parser.parse_args(argv)
+    return {"show": show}
 
-    if args.command == "search":
-        # the proxy runner trains models: imported only here, the curriculum library does not need it
-        from engine.errors import run_cli
-        from evaluation.search_runner import main_search
 
-        command = " ".join(["python -m efficienttrain", *(sys.argv[1:] if argv is None else argv)])
-        return run_cli(lambda: main_search(args.proxy, args.overrides, args.output, command))
-    if args.command == "list":
-        for name, fn in BUILTIN.items():
-            cur = fn()
-            print(f"{name:<15} {cur.budget:<8} {' '.join(str(s.size) for s in cur.stages):<42} {cur.description}")
-        return 0
+def list_curricula() -> int:
+    for name, fn in BUILTIN.items():
+        cur = fn()
+        print(f"{name:<15} {cur.budget:<8} {' '.join(str(s.size) for s in cur.stages):<42} {cur.description}")
+    return 0
+
+
+def show(args: argparse.Namespace,
+         model_flops: Optional[Callable[[Curriculum, float], Optional[Dict[str, Any]]]] = None) -> int:
+    """``show``: the table (or JSON) and the plot. ``model_flops(cur, epochs)``, when given, returns
+    the FLOP columns of :func:`format_table` (the driver passes it for ``--model``)."""
     try:
         cur = get_curriculum(args.name, final_size=args.final_size, multiple_of=args.multiple_of)
         epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[cur.budget]
-        flops = None
-        if args.model:
-            from engine.flops import FlopsError
-
-            try:
-                flops = model_flops(cur, epochs, args.baseline_epochs, args.model)
-            except FlopsError as e:
-                print(f"error: --model {args.model}: {e}", file=sys.stderr)
-                return 2
+        flops = model_flops(cur, epochs) if model_flops else None
         if args.json:
             table = cur.table(epochs)
             if flops:
@@ -134,6 +140,40 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def moved(argv: List[str]) -> Optional[str]:
+    """The line that sends a command needing the engine (``search``, ``show --model``) to the
+    driver, or None."""
+    if argv[:1] == ["search"]:
+        why = "the search trains proxy models"
+    elif argv[:1] == ["show"] and any(a == "--model" or a.startswith(("--model=", "model=")) for a in argv):
+        why = "counting a model's FLOPs builds it with the training engine"
+    else:
+        return None
+    return f"error: python -m efficienttrain {argv[0]}: {why}, so it runs from the driver layer: {DRIVER} {' '.join(argv)}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pointer = moved(argv)
+    if pointer:
+        print(pointer, file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="python -m efficienttrain",
+                                     description="The EfficientTrain curriculum library's own commands: list the "
+                                                 "built-in curricula, show a curriculum's stage table.",
+                                     epilog=f"show --model and search: {DRIVER} (they need the training engine)")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args, extra = parser.parse_known_args(argv)
+    error = apply_settings(args, extra) if args.command == "show" else (
+        f"error: unrecognized arguments: {' '.join(extra)}" if extra else None)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
+    if args.command == "list":
+        return list_curricula()
+    return show(args)
 
 
 if __name__ == "__main__":

@@ -125,11 +125,12 @@ def high_pass_filter(x: torch.Tensor, radius: float) -> torch.Tensor:
     return _radial_filter(x, radius, keep_low=False, fn="high_pass_filter")
 
 
-def downsample(x: torch.Tensor, size: Size, mode: str = "bilinear") -> torch.Tensor:
+def downsample(x: torch.Tensor, size: Size, mode: str = "bilinear", antialias: bool = True) -> torch.Tensor:
     """Image down-sampling, the baseline EfficientTrain compares the crop with (Table 13(b)).
 
-    ``bilinear``/``bicubic`` are antialiased (torch's ``antialias=True``); ``area`` averages by
-    construction; ``nearest`` is plain subsampling. Computed in float32, returned in input dtype.
+    ``bilinear``/``bicubic`` are antialiased unless ``antialias=False`` (torch's ``F.interpolate``
+    default, what AutoProg's official code shrinks inputs with); ``area`` averages by construction;
+    ``nearest`` is plain subsampling. Computed in float32, returned in input dtype.
     """
     _check_input(x, "downsample")
     if mode not in DOWNSAMPLE_MODES:
@@ -137,6 +138,6 @@ def downsample(x: torch.Tensor, size: Size, mode: str = "bilinear") -> torch.Ten
     h, w = _parse_size(size, x, "downsample")
     H, W = x.shape[-2:]
     flat = x.reshape(-1, 1, H, W).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    kwargs = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    kwargs = {"antialias": bool(antialias), "align_corners": False} if mode in ("bilinear", "bicubic") else {}
     out = F.interpolate(flat, size=(h, w), mode=mode, **kwargs)
     return out.reshape(*x.shape[:-2], h, w).to(x.dtype)

@@ -14,18 +14,26 @@ Choices the paper leaves open, and what this module does (each also at its defin
   ``multiple_of`` = the patch size this is "n = s * n_full rounded to an integer", the paper's rule;
   the official code rounds sizes to multiples of 32 (pass ``multiple_of=32`` to get 128/160/192/224).
   Depth: ``final_depth * s`` rounded to the nearest integer (halves up), at least 1.
-- Growth space of a stage (Eq. 8): Lambda_k = the sub-networks not smaller than the last chosen one.
-  The paper measures size by the parameter count, which is blind to the number of patches, so a
-  literal reading would allow the input size to shrink; a growth schedule only grows (Sec. 3.1),
-  so here a candidate needs depth >= and size >= the last chosen sub-network's.
-- Which stages search: stage 0 trains the smallest sub-network (the "initial scaling ratio" s1;
-  nothing is trained yet for a supernet to rank), stages 1..K-2 each start with ``search_epochs``
-  (2, Sec. 4.2) of supernet training and then train the chosen sub-network, and the last stage is
-  always the complete model (Sec. 3.1). ``search_first=True`` also searches stage 0 over the whole
-  space, as the official code does.
+- Candidates of a searched stage (Eq. 8's Lambda_k), as the official code (changlin31/AutoProg,
+  ``main_prog.py``) draws them from the distinct sizes and depths of the space: stage 0 searches
+  {first, middle, last} sizes x {first, middle, last} depths; a later stage k searches at most 2
+  sizes (the last chosen one and the next) x 3 depths (from the next depth after the last chosen
+  one, so depth grows every stage until it is complete). The paper's Sec. 4 words it as
+  "sub-networks not smaller than the last one"; the official set is smaller (at most 6) so each
+  candidate gets a useful share of the supernet's steps.
+- Which stages search: every stage but the last (the official code; ``search_first=False`` trains
+  the smallest sub-network in stage 0 instead). A searched stage starts with ``search_epochs``
+  (2, Sec. 4.2) of supernet training, part of the budget, then trains the chosen sub-network for
+  the rest of the stage; the last stage is always the complete model (Sec. 3.1).
+- Scoring (the official code; the controller in :mod:`engine.progressive` does the measuring):
+  a candidate's loss is the mean of 5 snapshots over the supernet phase's last epoch
+  (:func:`snapshot_positions`), taken with a momentum (EMA) copy of the supernet in train mode, and
+  its runtime T the measured forward+backward time (or the block-FLOPs proxy :func:`vit_cost`).
 - The balancing factor alpha of Eq. 6/8 ("dynamically chosen by balancing the scores for all the
   candidate sub-networks"): see :func:`balance_alpha`.
-- AdaReg's "network capacity": see :func:`capacity_fraction`.
+- AdaReg (Sec. 5.3) by stage index, as the official code's ``progressive_schedule``: stage k of K
+  uses the fraction k / (K - 1) of the full regularisation (:func:`stage_fraction`), a supernet
+  phase the full one (the official search trains with the final AugReg).
 """
 from __future__ import annotations
 
@@ -126,9 +134,33 @@ class GrowthSpace:
         """Every distinct (size, depth) of the space, sorted by depth then size."""
         return tuple(SubNet(s, d) for d in sorted(set(self.depths)) for s in sorted(set(self.sizes)))
 
-    def grow_space(self, last: SubNet) -> Tuple[SubNet, ...]:
-        """Lambda_k of Eq. 8: candidates with depth and size not below ``last`` (module docstring)."""
-        return tuple(c for c in self.candidates() if c.depth >= last.depth and c.size >= last.size)
+    @property
+    def distinct_sizes(self) -> Tuple[int, ...]:
+        return tuple(sorted(set(self.sizes)))
+
+    @property
+    def distinct_depths(self) -> Tuple[int, ...]:
+        return tuple(sorted(set(self.depths)))
+
+    def search_space(self, last: Optional[SubNet]) -> Tuple[SubNet, ...]:
+        """Lambda_k of Eq. 8 as the official code draws it (module docstring): ``last=None`` for
+        stage 0 ({first, middle, last}^2), else the stage grows from the sub-network ``last``
+        (at most 2 sizes from its size x 3 depths after its depth)."""
+        sizes, depths = self.distinct_sizes, self.distinct_depths
+
+        def ends(xs: Tuple[int, ...]) -> Tuple[int, ...]:
+            return tuple(sorted({xs[0], xs[len(xs) // 2], xs[-1]}))
+
+        if last is None:
+            pick_s, pick_d = ends(sizes), ends(depths)
+        else:
+            if last.size not in sizes or last.depth not in depths:
+                raise GrowthError(f"{last} is not a sub-network of this growth space (sizes {list(sizes)}, "
+                                  f"depths {list(depths)})")
+            r, d = sizes.index(last.size), depths.index(last.depth)
+            d = min(d + 1, len(depths) - 1)          # depth grows every stage (until it is complete)
+            pick_s, pick_d = sizes[r:r + 2], depths[d:d + 3]
+        return tuple(SubNet(s, dd) for dd in pick_d for s in pick_s)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"final_size": self.final_size, "final_depth": self.final_depth, "ratios": list(self.ratios),
@@ -141,7 +173,8 @@ class GrowthStage:
 
     ``phase`` is ``"train"`` (train sub-network (size, depth)) or ``"supernet"`` (train the elastic
     supernet over ``candidates``, one sampled sub-network per step; size/depth are then its largest
-    extent). ``reg_fraction`` in [0, 1] is the AdaReg position (:func:`adareg`).
+    extent). ``reg_fraction`` in [0, 1] is the AdaReg position (:func:`stage_fraction`, 1 in a
+    supernet phase; :func:`adareg`).
     """
 
     stage_index: int
@@ -156,15 +189,26 @@ class GrowthStage:
         return SubNet(self.size, self.depth)
 
 
-def capacity_fraction(space: GrowthSpace, sub: SubNet) -> float:
-    """AdaReg's "network capacity" of ``sub`` in [0, 1]: the mean over size and depth of
-    (value - smallest) / (largest - smallest) in ``space`` (0 for the first stage's sub-network, 1 for
-    the complete model; a dimension that does not grow counts as 1). The paper gives only the end
-    points (0.5x..1x RandAug, 0..1x stochastic depth / random erasing), so this is the interpolation."""
-    def frac(v: int, lo: int, hi: int) -> float:
-        return 1.0 if hi == lo else min(max((v - lo) / (hi - lo), 0.0), 1.0)
+def stage_fraction(k: int, num_stages: int) -> float:
+    """AdaReg's position of growth stage ``k`` of ``num_stages``: k / (K - 1), 0 for the first stage
+    and 1 for the last (the official code's ``progressive_schedule`` spaces every regularisation
+    linearly over the stage index; the paper gives only the end points)."""
+    if not 0 <= k < num_stages:
+        raise GrowthError(f"stage {k} is outside 0..{num_stages - 1}")
+    return 1.0 if num_stages == 1 else k / (num_stages - 1)
 
-    return 0.5 * (frac(sub.size, space.sizes[0], space.final_size) + frac(sub.depth, space.depths[0], space.final_depth))
+
+def snapshot_positions(phase_steps: int, epoch_steps: float, count: int = 5) -> Tuple[int, ...]:
+    """When Eq. 8's losses are measured in a supernet phase of ``phase_steps`` optimizer steps:
+    after how many of its steps, ``count`` evenly spaced over its last epoch (``epoch_steps``
+    steps, the whole phase if shorter), its start and end included. The official code: 5 (the last
+    search epoch's start and every quarter of it); a phase too short for 5 distinct positions
+    gets fewer."""
+    if phase_steps < 1 or count < 2:
+        raise GrowthError(f"snapshot_positions: need phase_steps >= 1 and count >= 2, got {phase_steps}, {count}")
+    window = min(phase_steps, max(1, int(round(epoch_steps))))
+    start = phase_steps - window
+    return tuple(sorted({start + int(round(window * i / (count - 1))) for i in range(count)}))
 
 
 def _stage_of(progress: float, num_stages: int) -> int:
@@ -207,7 +251,7 @@ class Prog:
         """The growth stage at budget position ``progress`` in [0, 1]."""
         k = _stage_of(progress, self.space.num_stages)
         sub = self.space.level(k)
-        return GrowthStage(k, sub.size, sub.depth, "train", (), capacity_fraction(self.space, sub))
+        return GrowthStage(k, sub.size, sub.depth, "train", (), stage_fraction(k, self.space.num_stages))
 
     def compute(self, cost: CostFn2) -> float:
         k = self.space.num_stages
@@ -218,8 +262,8 @@ class Prog:
         path; RandAug magnitude constant, or scaled by AdaReg when ``adaptive``."""
         k = self.space.num_stages
         stages = tuple(Stage(size=s.size, share=1.0 / k,
-                             magnitude=adareg(capacity_fraction(self.space, s), magnitude, 0.0, 0.0).magnitude
-                             if adaptive else float(magnitude)) for s in self.schedule())
+                             magnitude=adareg(stage_fraction(i, k), magnitude, 0.0, 0.0).magnitude
+                             if adaptive else float(magnitude)) for i, s in enumerate(self.schedule()))
         return Curriculum("prog", stages, "epochs", "AutoProg's manual uniform linear growth (Prog)")
 
 
@@ -236,7 +280,7 @@ class AutoProg:
     space: GrowthSpace
     epochs: float
     search_epochs: float = DEFAULT_SEARCH_EPOCHS
-    search_first: bool = False
+    search_first: bool = True
     decisions: Tuple[SubNet, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -291,8 +335,8 @@ class AutoProg:
         return self.space.smallest if k == 0 else self.subnet(k - 1)
 
     def candidates(self, k: int) -> Tuple[SubNet, ...]:
-        """Lambda_k: the sub-networks stage ``k``'s supernet holds."""
-        return self.space.grow_space(self.base(k))
+        """Lambda_k: the sub-networks stage ``k``'s supernet holds (:meth:`GrowthSpace.search_space`)."""
+        return self.space.search_space(None if k == 0 else self.base(k))
 
     def at(self, progress: float) -> GrowthStage:
         """The growth stage at budget position ``progress`` (fraction of ``epochs``) in [0, 1]."""
@@ -301,9 +345,9 @@ class AutoProg:
         if k in self.searched_stages and local < self.search_epochs - _EPS:
             cands = self.candidates(k)
             top = SubNet(max(c.size for c in cands), max(c.depth for c in cands))
-            return GrowthStage(k, top.size, top.depth, "supernet", cands, capacity_fraction(self.space, top))
+            return GrowthStage(k, top.size, top.depth, "supernet", cands, 1.0)
         sub = self.subnet(k)
-        return GrowthStage(k, sub.size, sub.depth, "train", (), capacity_fraction(self.space, sub))
+        return GrowthStage(k, sub.size, sub.depth, "train", (), stage_fraction(k, self.space.num_stages))
 
     def decide(self, choice: SubNet) -> "AutoProg":
         """A copy with ``choice`` recorded for the pending searched stage."""
@@ -429,7 +473,7 @@ class Regularisation:
 def adareg(fraction: float, magnitude: float, drop_path: float, reprob: float) -> Regularisation:
     """AdaReg (Sec. 5.3): with the full-model values given, RandAug magnitude goes linearly from 0.5x
     to 1x and the stochastic-depth and random-erase probabilities from 0 to 1x as ``fraction`` goes
-    0 -> 1 (use :func:`capacity_fraction`, carried by :class:`GrowthStage`). The paper uses it for
+    0 -> 1 (use :func:`stage_fraction`, carried by :class:`GrowthStage`). The paper uses it for
     VOLO and not for DeiT (which does not converge with it)."""
     if not -_EPS <= fraction <= 1.0 + _EPS:
         raise GrowthError(f"adareg fraction must be in [0, 1], got {fraction}")

@@ -17,13 +17,12 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from .images import (IMAGE_EXTENSIONS, DataError, list_images,  # noqa: F401 (engine.data's names too)
+                     public_dataset_hint)
+from .shards import TarShardSource, is_shard_path
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(ValueError):
-    """A data path whose files cannot be used as given (says what is wrong and what is allowed)."""
 
 
 @runtime_checkable
@@ -59,35 +58,10 @@ class FileSource:
         return f"{len(self.files)} image files"
 
 
-def list_images(path: str) -> List[str]:
-    """All images under a folder (ImageFolder layout or any tree; sorted), or the paths listed in
-    a ``.txt`` file (one per line; relative paths are relative to the file's folder)."""
-    if os.path.isfile(path) and path.endswith(".txt"):
-        root = os.path.dirname(os.path.abspath(path))
-        with open(path, "r", encoding="utf-8") as f:
-            files = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-        files = [p if os.path.isabs(p) else os.path.join(root, p) for p in files]
-    elif os.path.isdir(path):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-            dirnames.sort()
-            files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    else:
-        what = "does not exist" if not os.path.exists(path) else "is not a folder, a .txt file or tar shards"
-        raise FileNotFoundError(f"data path {path!r} (data.path) {what}; allowed: an image folder, a .txt file "
-                                f"listing images, or tar shards (a .tar file, a folder of .tar files or a pattern "
-                                f"like shards-{{000000..000009}}.tar)")
-    if not files:
-        raise FileNotFoundError(f"no images found in {path!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
 def open_image_source(path: str) -> ImageSource:
     """The source behind a ``data.path``: tar shards (a ``.tar`` file, a brace pattern
     ``shards-{000000..000099}.tar`` or a folder holding only ``.tar`` files, see
     :mod:`engine.shards`), else image files (a folder tree or a ``.txt`` list)."""
-    from .shards import TarShardSource, is_shard_path
-
     if is_shard_path(path):
         return TarShardSource.open(path)
     return FileSource(list_images(path))
@@ -138,7 +112,8 @@ def image_folder(root: str, what: str = "") -> Tuple[List[str], List[int], List[
     names the settings the path came from in the error (e.g. ``data.path + data.val_dir``)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root!r}{f' ({what})' if what else ''} is not a folder (expected ImageFolder "
-                                f"layout: {root}/<class>/<images>)")
+                                f"layout: {root}/<class>/<images>)"
+                                + (public_dataset_hint(root) if not os.path.exists(root) else ""))
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     files, labels = [], []
     for label, c in enumerate(classes):

@@ -186,11 +186,18 @@ def planned_savings(build: Build, curriculum: Curriculum, epochs: float, baselin
 
 def format_savings(savings: Dict[str, Any], baseline_epochs: float, what: str = "this model") -> List[str]:
     """The lines a run logs: both savings, the per-size FLOP ratios, and a note when the two differ
-    by more than :data:`DIFFERENCE_NOTE`."""
+    by more than :data:`DIFFERENCE_NOTE`. No lines for a plan that saves nothing (one input size and
+    the baseline's budget: both would read 1.00x); a saving below 1 reads "1.10x more compute"."""
     pixel, flops = savings["pixel_saving"], savings["flops_saving"]
+    if not savings["flops_ratio"] and abs(pixel - 1.0) < 0.005 and abs(flops - 1.0) < 0.005:
+        return []
+
+    def saving(x: float) -> str:            # a saving below 1 is a cost: worded the right way round
+        return f"{x:.2f}x" if x >= 0.995 else f"{1.0 / x:.2f}x more compute"
+
     ratios = ", ".join(f"{s}px {r:.3f}" for s, r in savings["flops_ratio"].items())
-    lines = [f"planned saving vs {baseline_epochs:g} epochs at the final size: {pixel:.2f}x by pixel cost (B^2), "
-             f"{flops:.2f}x by {what}'s training FLOPs"
+    lines = [f"planned saving vs {baseline_epochs:g} epochs at the final size: {saving(pixel)} by pixel cost (B^2), "
+             f"{saving(flops)} by {what}'s training FLOPs"
              + (f" (forward + backward per sample relative to the final size: {ratios})" if ratios
                 else " (one input size: the same)")]
     if abs(flops / pixel - 1) > DIFFERENCE_NOTE:
@@ -274,49 +281,6 @@ def timm_builder(name: str, num_classes: int = 1000, resize: str = "official", *
         except Exception as e:       # noqa: BLE001 - say which arguments the size asked for
             shown = ", ".join(f"{k}={v}" for k, v in extra.items()) or "its defaults"
             raise FlopsError(f"timm.create_model({name!r}) with {shown} failed: {_why(e)}") from e
-        return model, classifier_loss
-
-    return build
-
-
-def mae_builder(model_cfg: Any) -> Build:
-    """A :data:`Build` for a pretraining run's MAE (``pretrain.config.ModelConfig``): the model at the
-    final size with its target, position tables prepared for the stage size, its loss with the
-    run's mask ratio (the encoder sees the unmasked tokens, the decoder all)."""
-    from pretrain.models_mae import create_mae
-
-    mask = model_cfg.mask_ratio
-
-    def build(size: int) -> Tuple[nn.Module, LossFn]:
-        model = create_mae(model_cfg.arch, **model_cfg.overrides())
-        model.prepare_input_size(size)
-        return model, lambda m, x: m(x, mask_ratio=mask)[0]
-
-    return build
-
-
-def classifier_resize(model_cfg: Any) -> str:
-    """How a supervised run prepares a Swin for a stage size: ``model.resize`` when the config has
-    it, else ``official`` (the official window rule)."""
-    return getattr(model_cfg, "resize", None) or "official"
-
-
-def classifier_builder(model_cfg: Any) -> Build:
-    """A :data:`Build` for a fine-tuning / supervised run's classifier (``finetune.config.ClassifierConfig``,
-    name and img_size resolved): the run's own classifier prepared for each size as the training
-    task prepares it: ``finetune.resize.prepare_for_size`` for Swin / ViT with ``resize: official``
-    (Swin windows scaled with the input), ``check_resizable`` otherwise."""
-    from finetune.models import check_resizable, create_classifier
-    from finetune.resize import handles, prepare_for_size
-
-    def build(size: int) -> Tuple[nn.Module, LossFn]:
-        model = create_classifier(model_cfg, dynamic_size=True)
-        if classifier_resize(model_cfg) == "official" and handles(model):
-            prepare_for_size(model, size)        # the very preparation the training task applies per stage
-            return model, classifier_loss
-        ok, why = check_resizable(model, size)
-        if not ok:
-            raise FlopsError(f"{model_cfg.name} cannot train at input size {size}: {why}")
         return model, classifier_loss
 
     return build

@@ -49,7 +49,8 @@ LEGACY_DEFAULTS: Dict[str, Any] = {"model.resize": "forward", "train.accum_by_st
                                        ("momentum", 0.998), ("momentum_warmup", False), ("search_epochs", 2.0),
                                        ("search_first", False),
                                        ("search_images", 256), ("alpha", None), ("adareg", False),
-                                       ("multiple_of", None))}}
+                                       ("multiple_of", None), ("score_momentum", 0.998), ("runtime", "flops"),
+                                       ("shrink", "fourier"))}}
 
 
 class Resume(NamedTuple):

@@ -13,6 +13,7 @@ import random
 import shlex
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, TextIO, Type
 
@@ -301,7 +302,8 @@ def cli_main(prog: str, description: str, schema: Type, run: Callable[..., Dict]
     config, then ``run(cfg, name, RunOptions)`` (name: the config file's stem). Exit 2 with the
     message on a user error (see engine.errors), 1 when training stopped on a non-finite loss."""
     ap = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        prog=prog, description=textwrap.fill(description.replace("``", ""), width=100),
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         epilog="config sections and their keys (set any of them as key=value, e.g. train.blr=1e-4):\n"
                + sections_summary(schema))
     ap.add_argument("--config", help=config_help)

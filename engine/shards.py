@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, DataError, list_images
+from .images import IMAGE_EXTENSIONS, DataError, list_images
 
 INDEX_TAG, INDEX_VERSION = "#tarshard-index", 1
 _BRACE = re.compile(r"\{([^{}]*)\}")

@@ -103,8 +103,28 @@ def throughput_by_size(rows: List[Dict[str, Any]]) -> Dict[int, float]:
     return {size: n / sec for size, (n, sec) in by_size.items()}
 
 
+def times(ratio: float, what: str) -> str:
+    """A saving ``ratio`` (baseline over this run) worded the right way round: ``2.50x less
+    compute`` at 2.5, ``1.10x more wall time`` at 0.91 (a run slower than its baseline), ``the
+    same wall time (1.00x)`` within rounding of 1."""
+    if not ratio > 0:
+        return f"{ratio:.2f}x {what} (not measurable)"
+    if abs(ratio - 1.0) < 0.005:
+        return f"the same {what} (1.00x)"
+    return f"{ratio:.2f}x less {what}" if ratio > 1.0 else f"{1.0 / ratio:.2f}x more {what}"
+
+
+def nothing_planned(planned_speedup: Optional[float]) -> bool:
+    """True for a run that plans no saving (the baseline's own budget): 1.00x within rounding."""
+    return planned_speedup is None or abs(planned_speedup - 1.0) < 0.005
+
+
 def format_saving(summary: Dict[str, Any]) -> str:
-    """The lines a run prints at its end."""
+    """The lines a run prints at its end: the throughput per size, the wall efficiency (runs with
+    more than one size) and the planned against the measured saving, each worded the right way
+    round (:func:`times`). A run without a curriculum that plans no saving (one input size,
+    :func:`nothing_planned`) prints the throughput only; a curriculum at the baseline's compute
+    still says what it measured against the baseline."""
     lines = ["throughput: " + ", ".join(f"{size}px {ips:.0f} img/s"
                                         for size, ips in throughput_by_size(summary["stages"]).items())
              + " (per stage in summary.json)"]
@@ -112,14 +132,20 @@ def format_saving(summary: Dict[str, Any]) -> str:
     if len(eff) > 1:
         lines.append("wall efficiency (images/s relative to the final size x FLOPs per image relative to it; 1.00: "
                      "the FLOP saving fully in time): " + ", ".join(f"{size}px {e:.2f}" for size, e in eff.items()))
+    planned = summary["planned_speedup"]
+    if nothing_planned(planned) and len(throughput_by_size(summary["stages"])) <= 1:
+        return "\n".join(lines)
     if summary["measured_speedup"] is None:
-        lines.append(f"saving: planned {summary['planned_speedup']:.2f}x less compute; measured: not available "
+        lines.append(f"saving: planned {times(planned, 'compute')}; measured: not available "
                      "(no final-size stage ran in this run)")
     else:
         lines.append(
-            f"saving: planned {summary['planned_speedup']:.2f}x less compute than {summary['baseline_epochs']:g} "
-            f"epochs at the final size; measured {summary['measured_speedup']:.2f}x less wall time "
-            f"({summary['measured_over_planned']:.0%} of planned): {summary['step_seconds']:.1f} s of steps"
+            "saving: planned " + (f"the same compute as {summary['baseline_epochs']:g}" if nothing_planned(planned)
+                                  else f"{times(planned, 'compute')} than {summary['baseline_epochs']:g}")
+            + f" epochs at the final size; measured {times(summary['measured_speedup'], 'wall time')}"
+            + ("" if nothing_planned(planned) else " ")
+            + ("" if nothing_planned(planned) else f"({summary['measured_over_planned']:.0%} of planned)")
+            + f": {summary['step_seconds']:.1f} s of steps"
             + (f" + {summary['stage_start_seconds']:.1f} s of growth and search at stage starts"
                if summary.get("stage_starts_measured") else "") + " vs "
             f"{summary['baseline_seconds_estimate']:.1f} s for the baseline at this run's final-size "

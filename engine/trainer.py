@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -88,7 +89,8 @@ class TrainConfig:
                                            # 0.9999, CSWin 0.9998): saved as model_ema in every checkpoint
     ema_eval: bool = True                  # evaluate the EMA weights at every evaluation (logged as ema_*) and keep
                                            # checkpoint-best-ema.pth (its model entry holds the EMA weights)
-    progress: bool = True                  # progress bar on the main process (false for batch jobs / log files)
+    progress: bool = True                  # progress on the main process: a tqdm bar when stderr is a terminal, else
+                                           # a plain line (step, loss, img/s, ETA) about every 30 s (false: neither)
 
     def validate(self, where: str) -> None:
         if self.amp not in ("auto", "bf16", "fp16", "off"):
@@ -251,6 +253,27 @@ class RunBatches:
         for ps in self.plan.stages:
             if ps.end_step > self.first_step:
                 yield from self.stage_batches(ps, max(0, self.first_step - ps.start_step))
+
+
+PLAIN_PROGRESS_SECONDS = 30.0   # not on a terminal: a progress line at most this often (first and last log step too)
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"   # tqdm's own ETA left out: the
+# postfix's eta (from the budget consumed, as the plain lines give it) is the only one
+
+
+def on_terminal(stream: Any = None) -> bool:
+    """Whether ``stream`` (default: stderr, where tqdm draws) is a terminal: a bar only there; a
+    redirected log gets plain lines instead of hundreds of redraws."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):       # no isatty, or a closed stream
+        return False
+
+
+def clock(seconds: float) -> str:
+    """h:mm:ss."""
+    h, rem = divmod(int(max(seconds, 0)), 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -687,11 +710,16 @@ class CurriculumTrainer:
         total = plan.total_steps
         stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
         progress = None
+        plain = False            # not on a terminal: plain progress lines instead of a bar
         if self.dist.is_main and cfg.progress and self.step < stop:
-            from tqdm import tqdm
+            if on_terminal():
+                from tqdm import tqdm
 
-            progress = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1,
-                            mininterval=1.0)
+                progress = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1,
+                                mininterval=1.0, bar_format=BAR_FORMAT)
+            else:
+                plain = True
+        t_plain = float("-inf")
         control = StepControl(self.signals, self.dist, 60 * cfg.save_every_minutes)
         if self.step < stop:
             self.log(self.checkpoint_policy())
@@ -752,6 +780,10 @@ class CurriculumTrainer:
                             progress.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{lr:.2e}", size=info.size,
                                                  img_s=f"{rec['images_per_s']:.0f}", eta=self._eta(now), **shown,
                                                  refresh=False)
+                        elif plain and (self.step == stop or now - t_plain >= PLAIN_PROGRESS_SECONDS):
+                            self.log(self._progress_line(stage_idx, info.size, lr, rec["images_per_s"], now))
+                            sys.stdout.flush()          # a redirected log gets it now, not at the next 8 KiB
+                            t_plain = now
                     t_log, imgs_since = now, 0
                 if progress is not None:
                     progress.update(1)
@@ -791,8 +823,10 @@ class CurriculumTrainer:
                 progress.close()
             self._close_logs()
             self._release_ddp()
+        growth = getattr(self.task, "growth", None)
         summary = {**self.speed_summary(), "eval": self.eval_record(), "best": self.best,
-                   **({"best_ema": self.best_ema} if self.ema is not None else {})}
+                   **({"best_ema": self.best_ema} if self.ema is not None else {}),
+                   **({"growth": growth.summary()} if growth is not None else {})}
         summary_path = os.path.join(self.run_dir, "summary.json")
         # a finished run started again trains nothing: its summary stays as written
         if self.dist.is_main and self.step > 0 and (self.step > first_step or not os.path.isfile(summary_path)):
@@ -880,9 +914,15 @@ class CurriculumTrainer:
         done = self.plan.budget_fraction(self.step) - self._budget0
         if done <= 0:
             return "?"
-        left = (now - self._t0) * (1.0 - self.plan.budget_fraction(self.step)) / done
-        h, rem = divmod(int(left), 3600)
-        return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+        return clock((now - self._t0) * (1.0 - self.plan.budget_fraction(self.step)) / done)
+
+    def _progress_line(self, stage: int, size: int, lr: float, images_per_s: float, now: float) -> str:
+        """The plain progress line of a run not on a terminal (one ETA: :meth:`_eta`)."""
+        total = self.plan.total_steps
+        shown = "".join(f", {k} {v:.1f}" for k, v in self.eval_record().items() if k.endswith("top1"))
+        return (f"progress: step {self.step}/{total} ({self.step / max(total, 1):.0%}), stage {stage} at {size}px, "
+                f"loss {self._last_loss:.4f}, lr {lr:.2e}, {images_per_s:.0f} img/s{shown}, "
+                f"elapsed {clock(now - self._t0)}, eta {self._eta(now)}")
 
     def replay_chunks(self, ps: PlannedStage) -> int:
         return check_stage_fits(ps, self.dist.world_size, getattr(self.task, "replay_chunks", 32))

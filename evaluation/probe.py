@@ -10,7 +10,7 @@ comparable between arms of a study, not with published ImageNet probes.
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -19,8 +19,10 @@ import torch.nn.functional as F
 
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                  val_labels: torch.Tensor, num_classes: int, epochs: int = 100, batch_size: int = 256,
-                 lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0) -> Dict[str, float]:
-    """Top-1 / top-5 (%) of a linear classifier on standardised features (train statistics)."""
+                 lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
+                 on_epoch: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """Top-1 / top-5 (%) of a linear classifier on standardised features (train statistics);
+    ``on_epoch()`` is called after every epoch (progress)."""
     if train_feats.shape[0] != train_labels.shape[0] or val_feats.shape[0] != val_labels.shape[0]:
         raise ValueError("features and labels disagree on the number of samples")
     mean, std = train_feats.mean(0, keepdim=True), train_feats.std(0, keepdim=True) + 1e-6
@@ -46,6 +48,8 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
             loss.backward()
             opt.step()
             step += 1
+        if on_epoch is not None:
+            on_epoch()
     with torch.no_grad():
         top = head(xv).topk(min(5, num_classes), dim=1).indices
     return {"top1": 100.0 * (top[:, 0] == val_labels).float().mean().item(),

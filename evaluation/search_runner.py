@@ -1,4 +1,4 @@
-"""Proxy runs for the curriculum searches: ``python -m efficienttrain search PROXY.yaml``.
+"""Proxy runs for the curriculum searches: ``python -m evaluation.curriculum search PROXY.yaml``.
 
 A proxy YAML (schema: :class:`ProxyConfig`) names a short training recipe (a pretraining or
 supervised base config, overrides, a labelled ImageFolder root with ``train/`` and ``val/``, a
@@ -29,6 +29,7 @@ from efficienttrain.search import (ET_ORDERS, ETPP_STRATEGIES, SEARCHES, SearchR
                                    search_et, search_etpp, signature)
 from engine.checkpoint import atomic_write_json
 from engine.config import ConfigError, join_key, load_config
+from engine.data import public_dataset_hint
 from engine.errors import RunFailed
 
 from .study import KINDS, ArmConfig, StudyConfig, StudyEvalConfig, arm_config, device_label, run_arm
@@ -40,7 +41,7 @@ PRETRAIN_FIXED = ["data.demo=false", "eval.knn.train=''", "eval.knn.val=''"]
 
 @dataclass
 class ProxyKNNConfig:
-    k: int = 20                       # pretrain metric: neighbours that vote (weighted kNN, evaluation.knn)
+    k: int = 20                       # pretrain metric: neighbours that vote (weighted kNN, engine.knn)
     temperature: float = 0.07         # vote weight exp(similarity / temperature)
     feature: str = "cls"              # cls | avgpool
     batch_size: int = 256             # feature-extraction batch
@@ -147,7 +148,7 @@ class ProxyRunner:
         the final size the config trains at. Sets the cache context (the resolved config)."""
         p = self.proxy
         if p.demo:
-            from pretrain.demo_data import generate_demo_dataset
+            from engine.demo_data import generate_demo_dataset
 
             generate_demo_dataset(p.data, reuse_any=True, key="data")   # keeps any set of ours; refuses other folders
         self._check_data()
@@ -173,7 +174,8 @@ class ProxyRunner:
         for sub in ("train", "val"):
             if not os.path.isdir(os.path.join(p.data, sub)):
                 raise ConfigError(f"data: {os.path.join(p.data, sub)!r} is not a folder; data must be an ImageFolder "
-                                  "root with train/ and val/" + ("" if p.demo else " (demo: true generates the demo set)"))
+                                  "root with train/ and val/" + ("" if p.demo else " (demo: true generates the demo set)")
+                                  + (public_dataset_hint(p.data) if not os.path.exists(p.data) else ""))
 
     def _arm(self, cur: Curriculum, name: str) -> ArmConfig:
         """The study arm of a trial: its curriculum file (written beside the run folder) and budget."""
@@ -323,6 +325,6 @@ def write_markdown(report: Dict[str, Any], path: str) -> None:
 
 
 def main_search(proxy_path: str, overrides: List[str], output: Optional[str], command: str) -> None:
-    """``python -m efficienttrain search``: load the proxy (``--output`` replaces output_dir) and search."""
+    """``python -m evaluation.curriculum search``: load the proxy (``--output`` replaces output_dir) and search."""
     proxy = load_proxy(proxy_path, list(overrides) + ([f"output_dir={output}"] if output else []))
     run_search(proxy, command)

@@ -31,6 +31,7 @@ import yaml
 from engine.checkpoint import atomic_write_json
 from engine.config import ConfigError, join_key, load_config
 from engine.errors import RunFailed
+from engine.images import public_dataset_hint
 from engine.stops import RunLock, StopSignals, run_child
 
 KINDS = ("pretrain", "supervised")
@@ -54,7 +55,7 @@ class ArmConfig:
 
 @dataclass
 class StudyEvalConfig:
-    knn: bool = True                  # pretrain: weighted kNN on frozen features (evaluation.knn)
+    knn: bool = True                  # pretrain: weighted kNN on frozen features (engine.knn)
     k: int = 20
     temperature: float = 0.07
     feature: str = "cls"
@@ -106,7 +107,8 @@ class StudyConfig:
         for sub in ("train", "val"):
             if not os.path.isdir(os.path.join(self.data, sub)):
                 raise ConfigError(f"{join_key(where, 'data')}: {os.path.join(self.data, sub)!r} is not a folder; data must be an "
-                                  "ImageFolder root with train/ and val/")
+                                  "ImageFolder root with train/ and val/"
+                                  + (public_dataset_hint(self.data) if not os.path.exists(self.data) else ""))
         classes = [sorted(e.name for e in os.scandir(os.path.join(self.data, sub)) if e.is_dir())
                    for sub in ("train", "val")]
         if classes[0] != classes[1] or not classes[0]:
@@ -220,16 +222,17 @@ def training_flops(run_dir: str, kind: str) -> Dict[str, float]:
 
 def _model_for_flops(cfg: Dict[str, Any], kind: str):
     """The run's model and loss prepared per stage size (an engine.flops ``Build``), from its
-    resolved config: the MAE with its mask ratio and target, or the classifier."""
+    resolved config: the MAE with its mask ratio and target (pretrain.flops), or the classifier (finetune.flops)."""
     from engine.config import from_dict
-    from engine.flops import classifier_builder, mae_builder
 
     if kind == "pretrain":
         from pretrain.config import PretrainConfig
+        from pretrain.flops import mae_builder
 
         c = from_dict(PretrainConfig, {**cfg, "data": {**cfg["data"], "path": cfg["data"]["path"] or "x"}})
         return mae_builder(c.model)
     from finetune.config import FinetuneConfig
+    from finetune.flops import classifier_builder
 
     return classifier_builder(from_dict(FinetuneConfig, cfg).model)
 
@@ -295,7 +298,13 @@ def run_arm(study: StudyConfig, arm: ArmConfig, seed: int, log: Callable[[str], 
         summary = json.load(f)
     record: Dict[str, Any] = {"arm": arm.name, "seed": seed, "run_dir": run_dir, "command": cmd[1:],
                               **hashes, "eval_hash": eval_key, "baseline": arm.baseline, "device": device_label(),
-                              "wall_s": summary["step_seconds"], "overhead_s": summary["overhead_seconds"],
+                              # growth runs: growing and choosing at stage starts counts (and is shown apart);
+                              # scoring candidates inside supernet phases is part of the steps already
+                              "wall_s": summary["step_seconds"] + (summary.get("stage_start_seconds", 0.0)
+                                                                   if summary.get("stage_starts_measured") else 0.0),
+                              "stage_start_s": summary.get("stage_start_seconds", 0.0),
+                              "search_s": (summary.get("growth") or {}).get("search_seconds"),
+                              "overhead_s": summary["overhead_seconds"],
                               "planned_speedup": summary["planned_speedup"], "process_s_last": time.time() - t0,
                               **_flops_or_reason(run_dir, study.kind, log)}
     with open(os.path.join(run_dir, "plan.json")) as f:
@@ -380,6 +389,8 @@ def summarize(study: StudyConfig, records: List[Dict[str, Any]]) -> Dict[str, An
                  "curriculum": rs[0]["curriculum"], "budget_epochs": rs[0]["budget_epochs"],
                  "planned_speedup": rs[0]["planned_speedup"], "equivalent_epochs": rs[0]["equivalent_epochs"],
                  "train_flops": rs[0]["train_flops"], "wall_s": mean_sd([r["wall_s"] for r in rs]),
+                 "stage_start_s": mean_sd([r.get("stage_start_s") or 0.0 for r in rs]),
+                 "search_s": mean_sd([r.get("search_s") or 0.0 for r in rs]),
                  "overrides": arm.overrides, "accuracy": {}}
         for m in METRICS[study.kind]:
             vals = [(r["eval"].get(m) or {}).get("top1") for r in rs]
@@ -454,7 +465,10 @@ def write_report(report: Dict[str, Any], out: str, command: str) -> None:
               "over the arm's, forward + backward per sample counted on the arm's model at every stage size "
               "(engine.flops), times the samples the plan's steps process."
               + (" Growth arms (growth.schedule): the planned speedup is the sub-networks' block FLOPs "
-                 "(engine/progressive.py), and their training FLOPs are not counted (n/a)."
+                 "(engine/progressive.py), and their training FLOPs are not counted (n/a). Their wall time "
+                 "includes growing and choosing at stage starts and scoring candidates in supernet phases: "
+                 + "; ".join(f"{a['arm']} {a['stage_start_s']['mean']:.1f} s + {a['search_s']['mean']:.1f} s"
+                             for a in report["arms"] if a["curriculum"] in ("prog", "autoprog")) + "."
                  if any(a["curriculum"] in ("prog", "autoprog") for a in report["arms"]) else "")]
     md = os.path.join(out, "study.md")
     with open(md + ".tmp", "w", encoding="utf-8") as f:

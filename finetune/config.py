@@ -8,6 +8,8 @@ from engine.config import ConfigError, join_key
 from engine.progressive import GrowthConfig
 from engine.trainer import TrainConfig
 
+from .recipes import apply_recipe
+
 MODES = ("finetune", "linprobe", "train", "eval")
 GLOBAL_POOLS = ("avg", "token", "", "max", "avgmax", "map")
 
@@ -161,8 +163,6 @@ class FinetuneConfig:
             raise ConfigError(f"{join_key(where, 'opt_eps')} must be > 0, got {self.opt_eps}")
         self.recipe_report: List[str] = []
         if self.recipe == "official":
-            from .recipes import apply_recipe
-
             self.recipe_report = apply_recipe(self)
         if self.model.drop_path is None:
             self.model.drop_path = 0.0 if self.model.builder == "torchvision" else 0.1

@@ -13,16 +13,17 @@ from efficienttrain.replay import check_replay_memory
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.config import ConfigError, to_dict
 from engine.data import EvalDataset, check_same_classes, eval_transform, image_folder
+from engine.demo_data import (DEFAULT_IMAGES, demo_dataset_exists, demo_dataset_status, demo_notice,
+                              generate_demo_dataset)
 from engine.distributed import DistInfo
-from engine.flops import classifier_builder, log_planned_savings
+from engine.flops import log_planned_savings
 from engine.optim import describe_groups, param_groups_layer_decay
 from engine.progressive import GrowthController
 from engine.run import Run, RunOptions, cli_main
 from engine.trainer import CurriculumTrainer, check_plan_fits
-from pretrain.demo_data import (DEFAULT_IMAGES, demo_dataset_exists, demo_dataset_status, demo_notice,
-                                generate_demo_dataset)
 
 from .config import FinetuneConfig
+from .flops import classifier_builder
 from .models import (classifier_depth, create_classifier, init_head, load_pretrained, make_linear_probe,
                      resolve_architecture)
 from .resize import is_swin

@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.config import ConfigError
-from pretrain.pos_embed import resample_pos_embed
+from engine.pos_embed import resample_pos_embed
 
 from .config import ClassifierConfig
 
@@ -48,6 +48,8 @@ MAE_TO_TIMM = {"mae_vit_tiny_patch16": "vit_tiny_patch16_224", "mae_vit_small_pa
 _TIMM_VITS = {192: ("vit_tiny_patch16_224", 16, 12, 3), 384: ("vit_small_patch16_224", 16, 12, 6),
               768: ("vit_base_patch16_224", 16, 12, 12), 1024: ("vit_large_patch16_224", 16, 24, 16),
               1280: ("vit_huge_patch14_224", 14, 32, 16)}
+_TIMM_VIT_DEFAULTS = {name: dict(patch_size=p, embed_dim=width, depth=d, num_heads=h)
+                      for width, (name, p, d, h) in _TIMM_VITS.items()}
 DEFAULT_MODEL, DEFAULT_IMG_SIZE = "vit_base_patch16_224", 224
 
 
@@ -81,13 +83,11 @@ def resolve_architecture(cfg: ClassifierConfig, ckpt: Optional[Dict[str, Any]]) 
             raise ConfigError("model.name=auto takes the architecture from model.checkpoint, and none is set; set "
                               "model.name (any timm model, e.g. resnet50 or vit_base_patch16_224) or model.checkpoint")
         if meta.get("arch") in MAE_TO_TIMM:               # our MAE pretraining / encoder export
-            arch = meta["arch"]
-            from pretrain.models_mae import ARCHS
-
+            name, size = MAE_TO_TIMM[meta["arch"]], meta.get("img_size")
             mk = meta.get("model_kwargs") or {}
+            default = _TIMM_VIT_DEFAULTS[name]      # the MAE encoder's shapes (pretrain's ARCHS) are timm's
             derived = {k: mk[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")
-                       if k in mk and mk[k] != ARCHS[arch][k]}
-            name, size = MAE_TO_TIMM[arch], meta.get("img_size")
+                       if k in mk and mk[k] != default[k]}
         elif meta.get("model_name"):                      # our fine-tuned / probed classifier
             name, derived, size = meta["model_name"], dict(meta.get("model_kwargs") or {}), meta.get("img_size")
             if meta.get("builder", "timm") != cfg.builder:

@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from engine.config import ConfigError
-
-if TYPE_CHECKING:
-    from .config import FinetuneConfig
 
 REFERENCE_EPOCHS = 200.0      # the budget the launchers' drop-path rates are given for
 OFFICIAL_LR = 4e-3            # --lr 4e-3 at the launchers' global batch 4096 (blr 2.5e-4)
@@ -127,10 +124,12 @@ def _close(a: Optional[float], b: Optional[float]) -> bool:
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
 
 
-def apply_recipe(cfg: "FinetuneConfig") -> List[str]:
+def apply_recipe(cfg: Any) -> List[str]:
     """``recipe: official``: fill ``train.warmup_epochs`` and ``model.drop_path`` left null with
     the launcher's formulas, and return report lines: the script reproduced, the derived values,
-    then every setting that differs from the launcher (explicit values are kept, and listed)."""
+    then every setting that differs from the launcher (explicit values are kept, and listed).
+    ``cfg`` is a :class:`finetune.config.FinetuneConfig`, whose ``validate`` calls this; this module
+    does not import it (config imports recipes, never the other way round)."""
     from efficienttrain.curriculum import CurriculumError, get_curriculum
 
     if cfg.mode != "train":

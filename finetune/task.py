@@ -18,7 +18,7 @@ from efficienttrain.fourier import downsample, low_frequency_crop
 from engine.config import ConfigError
 from engine.data import EvalDataset, Normalizer, check_shared_memory, eval_transform
 from engine.distributed import DistInfo
-from engine.progressive import search_subset, subset_line
+from engine.progressive import search_subset, shrink_input, subset_line
 from engine.stops import ignore_stop_signals
 from engine.trainer import Prepared, RunBatches
 
@@ -89,10 +89,11 @@ class ClassificationTask:
             self.search_indices = search_subset(self.train_labels, cfg.growth.search_images, cfg.train.seed)
             self.search_subset_line = subset_line(self.search_indices, self.train_labels)
 
-    def subset_loss(self, model: nn.Module, size: int) -> float:
+    def subset_loss(self, model: nn.Module, size: int, backward: bool = False) -> float:
         """AutoProg's Eq. 8 loss (and the growth continuity check): cross-entropy on the seeded
         class-stratified sample of ``growth.search_images`` training images with the evaluation
-        transform at the final size (fixed augmentation), shrunk to ``size`` as training shrinks them."""
+        transform at the final size (fixed augmentation), shrunk to ``size`` as training shrinks them.
+        ``backward``: also back-propagate each batch (the growth controller times it)."""
         if self._subset is None:
             idx = self.search_indices
             if idx is None:
@@ -105,7 +106,10 @@ class ClassificationTask:
         for x, y in zip(self._subset[0].split(64), self._subset[1].split(64)):
             x = self.stage_transform(x.to(self.dist.device), size)
             logits = model(x).float()
-            total += nn.functional.cross_entropy(logits, y.to(self.dist.device), reduction="sum").item()
+            loss = nn.functional.cross_entropy(logits, y.to(self.dist.device), reduction="sum")
+            if backward:
+                loss.backward()
+            total += loss.item()
             count += y.numel()
         return total / count
 
@@ -169,6 +173,8 @@ class ClassificationTask:
     def stage_transform(self, x: torch.Tensor, size: int) -> torch.Tensor:
         if x.shape[-1] == size:
             return x
+        if self.cfg.growth.enabled:
+            return shrink_input(x, size, self.cfg.growth.shrink)
         if self.cfg.data.lowfreq == "fft":
             return low_frequency_crop(x, size)
         return downsample(x, size, "bicubic")

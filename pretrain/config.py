@@ -6,13 +6,13 @@ from typing import List, Literal, Optional
 
 from engine.config import ConfigError, join_key
 from engine.decode import DALI_INSTALL, dali_available
+from engine.knn import KNNConfig
+from engine.pos_embed import POS_EMBED_MODES
 from engine.progressive import GrowthConfig
 from engine.trainer import TrainConfig
-from evaluation.knn import KNNConfig
 
 from .data import DECODE_MODES
 from .models_mae import ARCHS, TARGETS
-from .pos_embed import POS_EMBED_MODES
 
 
 @dataclass

@@ -12,13 +12,15 @@ from efficienttrain.replay import buffer_bytes
 from engine.checkpoint import atomic_save
 from engine.config import ConfigError, to_dict
 from engine.data import open_image_source
-from engine.flops import log_planned_savings, mae_builder
+from engine.demo_data import demo_dataset_exists, demo_dataset_status, demo_notice, generate_demo_dataset
+from engine.flops import log_planned_savings
 from engine.progressive import GrowthController
 from engine.run import Run, RunOptions, cli_main
+from engine.speed import nothing_planned, times
 from engine.trainer import CurriculumTrainer, check_plan_fits
 
 from .config import PretrainConfig
-from .demo_data import demo_dataset_exists, demo_dataset_status, demo_notice, generate_demo_dataset
+from .flops import mae_builder
 from .models_mae import create_mae
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
@@ -101,10 +103,12 @@ def run(cfg: PretrainConfig, run_name: str = "pretrain", opts: Optional[RunOptio
             log(growth.describe())
             log(growth.plan_line("encoder"))
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        planned = cur.speedup(cfg.curriculum.epochs, baseline)
         log(f"MAE {cfg.model.arch} ({n_params:.1f}M params, target {cfg.model.target}), {source.describe()}, "
-            f"curriculum {cur.name} ({cur.budget} budget {cfg.curriculum.epochs:g}, "
-            f"{cur.speedup(cfg.curriculum.epochs, baseline):.2f}x less compute than {baseline:g} epochs at "
-            f"{cur.final_size}), {dist.world_size} process(es) on {dist.device}")
+            f"curriculum {cur.name} ({cur.budget} budget {cfg.curriculum.epochs:g}"
+            + ("" if nothing_planned(planned) else
+               f", {times(planned, 'compute')} than {baseline:g} epochs at {cur.final_size}")
+            + f"), {dist.world_size} process(es) on {dist.device}")
         savings = (log_planned_savings(mae_builder(cfg.model), cur, cfg.curriculum.epochs, baseline, log,
                                        f"MAE {cfg.model.arch}") if dist.is_main and growth is None else None)
         log(curriculum_table(plan, cfg.model.patch, t.base_lr(), t.warmup_epochs, t.min_lr, dist.world_size))

@@ -17,7 +17,7 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 
 from .hog import HOGTarget
-from .pos_embed import POS_EMBED_MODES, sincos_pos_embed
+from engine.pos_embed import POS_EMBED_MODES, sincos_pos_embed
 
 TARGETS = ("pixel", "norm_pixel", "hog")
 

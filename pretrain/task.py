@@ -13,10 +13,10 @@ from efficienttrain.fourier import downsample, low_frequency_crop
 from engine.data import DataError, ImageSource, Normalizer, check_shared_memory
 from engine.decode import DaliDecoder, DecodeAhead, EncodedBatch
 from engine.distributed import DistInfo
-from engine.progressive import search_subset, subset_line
+from engine.knn import KNNMonitor
+from engine.progressive import search_subset, shrink_input, subset_line
 from engine.stops import ignore_stop_signals
 from engine.trainer import Prepared, RunBatches
-from evaluation.knn import KNNMonitor
 
 from .config import PretrainConfig
 from .data import MAEPretrainDataset, center_crop_tensor
@@ -81,11 +81,12 @@ class MAETask:
                                                 len(source))
             self.search_subset_line = subset_line(self.search_indices, self.search_labels)
 
-    def subset_loss(self, model: MaskedAutoencoderViT, size: int) -> float:
+    def subset_loss(self, model: MaskedAutoencoderViT, size: int, backward: bool = False) -> float:
         """AutoProg's Eq. 8 loss (and the growth continuity check): the MAE loss of the seeded
         sample of ``growth.search_images`` images (class-stratified on an ImageFolder tree, else
         uniform; unreadable ones left out), centre-cropped (fixed augmentation), shrunk to ``size``
-        as training shrinks them, with one fixed mask draw (seeded) for every candidate."""
+        as training shrinks them, with one fixed mask draw (seeded) for every candidate.
+        ``backward``: also back-propagate each batch (the growth controller times it)."""
         if self._subset is None:
             if self.search_indices is None:
                 self.search_indices = search_subset(None, self.cfg.growth.search_images, self.cfg.train.seed,
@@ -98,6 +99,8 @@ class MAETask:
             for x in self._subset.split(64):
                 x = self.normalize(self.stage_transform(x.to(self.dist.device).float(), size))
                 loss, _, _ = model(x, mask_ratio=self.cfg.model.mask_ratio)
+                if backward:
+                    loss.backward()
                 total += float(loss) * x.shape[0]
                 count += x.shape[0]
         return total / count
@@ -145,6 +148,8 @@ class MAETask:
         lowfreq = self.cfg.data.lowfreq
         if x.shape[-1] == size:
             return x
+        if self.cfg.growth.enabled:
+            return shrink_input(x, size, self.cfg.growth.shrink)
         if lowfreq == "fft":
             return low_frequency_crop(x, size)
         if lowfreq == "downsample":

@@ -48,6 +48,32 @@ def test_list_and_errors():
     assert r.returncode == 2 and "not a multiple of multiple_of=32" in r.stderr
 
 
+
+def test_commands_needing_the_engine_point_to_the_driver():
+    """The library's CLI imports nothing above it: ``search`` and ``show --model`` live in the driver
+    (python -m evaluation.curriculum); asked here they name it and exit 2 without importing the engine."""
+    for args, why in ((["search", "configs/search/demo_etpp.yaml", "budget=8"], "trains proxy models"),
+                      (["show", "etpp", "--model", "resnet18"], "builds it with the training engine"),
+                      (["show", "etpp", "--model=resnet18"], "builds it with the training engine")):
+        r = run(*args)
+        assert r.returncode == 2 and r.stdout == "" and why in r.stderr, r.stderr
+        assert f"python -m evaluation.curriculum {' '.join(args)}" in r.stderr
+    probe = ("import sys; from efficienttrain.__main__ import main; assert main(['show', 'et']) == 0; "
+             "assert main(['search', 'x.yaml']) == 2; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('engine', 'evaluation', 'pretrain', "
+             "'finetune', 'detection')))")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stderr
+
+
+def test_driver_lists_and_shows_as_the_library_does():
+    driver = [sys.executable, "-m", "evaluation.curriculum"]
+    for args in (["list"], ["show", "etpp", "--epochs", "200", "--json"]):
+        r = subprocess.run(driver + args, cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout == run(*args).stdout, r.stderr
+    r = subprocess.run(driver + ["search", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "proxy YAML" in r.stdout
+
 def test_yaml_words_stay_words_and_booleans_take_yes_no(tmp_path):
     # YAML 1.1 reads off / no as false: train.amp=off must stay the word, and a file's `amp: off` too
     from engine.config import load_config

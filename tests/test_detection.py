@@ -502,60 +502,128 @@ def test_cascade_heads_are_vitdets():
 
 
 # ---- configs ------------------------------------------------------------------------------------
+# detectron2's ViTDet recipe, the reference the *_vitdet_100ep configs must equal (values read from
+# facebookresearch/detectron2; each with the file it comes from):
+D2_VITDET = dict(
+    # projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py (cascade_mask_rcnn_vitdet_b_100ep.py
+    # imports its train / lr_multiplier / optimizer): train.max_iter, MultiStepParamScheduler
+    # milestones, WarmupParamScheduler(warmup_length=250 / max_iter, warmup_factor=0.001), lr x0.1 twice
+    max_iter=184375, milestones=(163889, 177546), warmup_iters=250, warmup_factor=0.001, gamma=0.1,
+    # projects/ViTDet/configs/common/coco_loader_lsj.py: image_size 1024, total_batch_size 64,
+    # RandomFlip -> ResizeScale(min_scale 0.1, max_scale 2.0) -> FixedSizeCrop(1024), recompute_boxes
+    image_size=1024, total_batch=64, scale_range=(0.1, 2.0),
+    # configs/common/optim.py AdamW: lr 1e-4, betas (0.9, 0.999), weight_decay 0.1, weight_decay_norm 0;
+    # mask_rcnn_vitdet_b_100ep.py: overrides {"pos_embed": {"weight_decay": 0.0}}
+    lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1,
+    # configs/common/models/mask_rcnn_vitdet.py: ViT(img_size=1024, patch_size=16, window_size=14,
+    # use_rel_pos=True), SimpleFeaturePyramid(scale_factors=(4.0, 2.0, 1.0, 0.5), LastLevelMaxPool,
+    # norm "LN", square_pad=1024), RPN head conv_dims [-1, -1], box head 4 convs of 256 + fc 1024 with
+    # conv_norm "LN", mask head conv_norm "LN"
+    patch_size=16, window_size=14, pyramid_strides=(4, 8, 16, 32), rpn_convs=2, box_convs=4, box_fc=1024,
+)
+D2_VIT_SIZES = {
+    # configs/common/models/mask_rcnn_vitdet.py (ViT-B: embed_dim, depth, num_heads, dp = 768, 12, 12, 0.1;
+    # window_block_indexes leave 2, 5, 8, 11 global); mask_rcnn_vitdet_b_100ep.py: lr_decay_rate=0.7
+    "b": dict(embed_dim=768, depth=12, num_heads=12, drop_path=0.1, global_blocks=(2, 5, 8, 11), lr_decay=0.7),
+    # projects/ViTDet/configs/COCO/mask_rcnn_vitdet_l_100ep.py: 1024 / 24 / 16, drop_path_rate 0.4,
+    # "5, 11, 17, 23 for global attention", lr_decay_rate=0.8, num_layers=24
+    "l": dict(embed_dim=1024, depth=24, num_heads=16, drop_path=0.4, global_blocks=(5, 11, 17, 23), lr_decay=0.8),
+}
+# projects/ViTDet/configs/COCO/cascade_mask_rcnn_vitdet_b_100ep.py: Box2BoxTransform weights (10, 5),
+# (20, 10), (30, 15) per stage (stds 1/w), matcher IoUs 0.5 / 0.6 / 0.7, class-agnostic regression
+D2_CASCADE_STDS = [[1 / w1, 1 / w1, 1 / w2, 1 / w2] for w1, w2 in ((10, 5), (20, 10), (30, 15))]
+D2_CASCADE_IOUS = (0.5, 0.6, 0.7)
+# the papers' 1x protocol = mmdet's own configs/_base_/schedules/schedule_1x.py (ConvNeXt's / Swin's
+# detection code is mmdet): read from the installed mmdet, not restated here
+MMDET_1X = Path(importlib.util.find_spec("mmdet").origin).parent / ".mim" / "configs" / "_base_" / "schedules" / \
+    "schedule_1x.py"
+GPUS_PER_RECIPE = {"sfp_1x": 8, "vitdet_100ep": 16}   # the launches the configs document (8 GPUs / 2 nodes x 8)
 FULL_CONFIGS = [
-    (f"{det}_vit-{size}-mae_{recipe}_coco", arch, decay, kind, recipe)
+    (f"{det}_vit-{size}-mae_{recipe}_coco", size, kind, recipe)
     for det, kind in (("retinanet", "RetinaNet"), ("cascade-mask-rcnn", "CascadeRCNN"))
-    for size, arch, decay in (("b", (768, 12, (2, 5, 8, 11), 0.1), 0.7), ("l", (1024, 24, (5, 11, 17, 23), 0.4), 0.8))
-    for recipe in ("sfp_1x", "vitdet_100ep")]
+    for size in ("b", "l") for recipe in ("sfp_1x", "vitdet_100ep")]
 
 
-@pytest.mark.parametrize("name, arch, layer_decay, detector, recipe", FULL_CONFIGS)
-def test_full_configs(name, arch, layer_decay, detector, recipe):
-    """ViTDet's model in every full config (1024 square, tables for 64 tokens / 14-token windows,
-    the 224 position grid, ViTDet's optimizer), with the 1x protocol or ViTDet's 100-epoch LSJ recipe."""
+def d2_milestones(max_iter):
+    """detectron2's ViTDet milestones as fractions of the schedule: 8/9 (0.889) and 26/27 (0.963)
+    of max_iter (88.9 and 96.3 of its 100 epochs), for any length (its 50ep / 75ep configs scale them)."""
+    return [round(max_iter * 8 / 9), round(max_iter * 26 / 27)]
+
+
+def test_d2_milestone_fractions_reproduce_detectron2s_numbers():
+    assert d2_milestones(D2_VITDET["max_iter"]) == list(D2_VITDET["milestones"])
+
+
+@pytest.mark.parametrize("name, size, detector, recipe", FULL_CONFIGS)
+def test_full_configs(name, size, detector, recipe):
+    """Every full ViT config against detectron2's ViTDet recipe (D2_VITDET / D2_VIT_SIZES, cited
+    above): the model always, the 100-epoch schedule / LSJ / batch for *_vitdet_100ep, mmdet's
+    schedule_1x.py for *_sfp_1x."""
     cfg = Config.fromfile(str(CONFIGS / f"{name}.py"))
+    d2, arch = D2_VITDET, D2_VIT_SIZES[size]
     assert cfg.custom_imports == dict(imports=["detection"], allow_failed_imports=False)
     assert cfg.model.type == detector and cfg.model.backbone.type == "PlainViT"
     b = cfg.model.backbone
-    assert (b.embed_dim, b.depth, tuple(b.global_attn_indexes), b.drop_path_rate) == arch
-    assert (b.img_size, b.pretrain_img_size, b.patch_size, b.window_size) == (1024, 224, 16, 14)
-    assert b.use_rel_pos and b.with_cp
+    assert (b.embed_dim, b.depth, b.num_heads, b.drop_path_rate) == (arch["embed_dim"], arch["depth"],
+                                                                     arch["num_heads"], arch["drop_path"])
+    assert tuple(b.global_attn_indexes) == arch["global_blocks"]
+    assert (b.img_size, b.patch_size, b.window_size) == (d2["image_size"], d2["patch_size"], d2["window_size"])
+    assert b.pretrain_img_size == 224                       # MAE's ImageNet input: the 14x14 position table
+    assert b.use_rel_pos
     assert cfg.model.data_preprocessor.type == "SquarePadDataPreprocessor"
-    assert cfg.model.data_preprocessor.square_size == 1024
+    assert cfg.model.data_preprocessor.square_size == d2["image_size"]          # square_pad=1024
     assert b.init_cfg == dict(type="Pretrained", checkpoint=cfg.pretrained)
-    assert cfg.model.neck.in_channels == b.embed_dim and cfg.model.neck.backbone_stride == b.patch_size == 16
+    neck = cfg.model.neck
+    assert neck.in_channels == arch["embed_dim"] and neck.backbone_stride == d2["patch_size"]
     ow = cfg.optim_wrapper
-    assert ow.type == "AmpOptimWrapper" and ow.constructor == "ViTLayerDecayOptimizerConstructor"
-    assert ow.paramwise_cfg == dict(layer_decay=layer_decay, weight_decay_rule="vitdet")
-    assert ow.optimizer == dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1)
-    train_ops = [t.type for t in cfg.train_dataloader.dataset.pipeline]
+    assert ow.constructor == "ViTLayerDecayOptimizerConstructor"
+    assert ow.paramwise_cfg.layer_decay == arch["lr_decay"] and ow.paramwise_cfg.weight_decay_rule == "vitdet"
+    opt = ow.optimizer
+    assert (opt.type, opt.lr, tuple(opt.betas), opt.weight_decay) == ("AdamW", d2["lr"], d2["betas"], d2["weight_decay"])
+    assert ow.type == "AmpOptimWrapper"                     # train.amp.enabled = True (mask_rcnn_vitdet_b_100ep.py)
     test_ops = {t.type: t for t in cfg.test_dataloader.dataset.pipeline}
-    assert test_ops["Resize"].scale == (1024, 1024) and test_ops["Resize"].keep_ratio
-    if recipe == "sfp_1x":   # the papers' 1x: 12 epochs, steps after 8 and 11, 16 images, resize + flip
-        assert cfg.train_cfg.type == "EpochBasedTrainLoop" and cfg.train_cfg.max_epochs == 12
-        steps = [s for s in cfg.param_scheduler if s.type == "MultiStepLR"]
-        assert len(steps) == 1 and steps[0].milestones == [8, 11] and steps[0].by_epoch
+    assert test_ops["Resize"].scale == (d2["image_size"],) * 2 and test_ops["Resize"].keep_ratio
+    train_ops = [t.type for t in cfg.train_dataloader.dataset.pipeline]
+    per_step = cfg.train_dataloader.batch_size * GPUS_PER_RECIPE[recipe]
+    assert cfg.auto_scale_lr.base_batch_size == per_step
+    if recipe == "sfp_1x":
+        ref = Config.fromfile(str(MMDET_1X))
+        assert cfg.train_cfg.type == ref.train_cfg.type and cfg.train_cfg.max_epochs == ref.train_cfg.max_epochs
+        ours = [s for s in cfg.param_scheduler if s.type == "MultiStepLR"]
+        theirs = [s for s in ref.param_scheduler if s.type == "MultiStepLR"]
+        assert len(ours) == 1 and ours[0].milestones == theirs[0].milestones and ours[0].by_epoch
+        assert per_step == ref.auto_scale_lr.base_batch_size                     # 8 GPUs x 2
         assert train_ops[-3:] == ["Resize", "RandomFlip", "PackDetInputs"]
-        assert cfg.train_dataloader.batch_size * 8 == cfg.auto_scale_lr.base_batch_size == 16
-    else:                    # ViTDet: LSJ at 1024 (0.1-2.0), 184375 x 64 images, 250-iteration warm-up
-        assert cfg.train_cfg.type == "IterBasedTrainLoop" and cfg.train_cfg.max_iters == 184375
+        assert {t.type: t for t in cfg.train_dataloader.dataset.pipeline}["Resize"].scale == (d2["image_size"],) * 2
+    else:
+        assert per_step == d2["total_batch"]
+        assert cfg.train_cfg.type == "IterBasedTrainLoop" and cfg.train_cfg.max_iters == d2["max_iter"]
         assert "max_epochs" not in cfg.train_cfg
         warm, steps = cfg.param_scheduler
-        assert (warm.type, warm.start_factor, warm.end, warm.by_epoch) == ("LinearLR", 0.001, 250, False)
-        assert (steps.type, steps.milestones, steps.by_epoch) == ("MultiStepLR", [163889, 177546], False)
-        assert 184375 * 64 / 118_000 == pytest.approx(100, abs=0.01)
+        assert (warm.type, warm.start_factor, warm.end, warm.by_epoch) == ("LinearLR", d2["warmup_factor"],
+                                                                          d2["warmup_iters"], False)
+        assert (steps.type, steps.by_epoch, steps.gamma) == ("MultiStepLR", False, d2["gamma"])
+        assert steps.milestones == d2_milestones(cfg.train_cfg.max_iters) == list(d2["milestones"])
         ops = {t.type: t for t in cfg.train_dataloader.dataset.pipeline}
-        assert ops["RandomResize"].scale == (1024, 1024) and ops["RandomResize"].ratio_range == (0.1, 2.0)
-        assert ops["RandomCrop"].crop_size == (1024, 1024) and ops["RandomCrop"].recompute_bbox
+        assert ops["RandomResize"].scale == (d2["image_size"],) * 2
+        assert tuple(ops["RandomResize"].ratio_range) == d2["scale_range"]
+        assert ops["RandomCrop"].crop_size == (d2["image_size"],) * 2 and ops["RandomCrop"].recompute_bbox
         assert train_ops.index("RandomFlip") < train_ops.index("RandomResize") < train_ops.index("RandomCrop")
-        assert cfg.train_dataloader.batch_size * 16 == cfg.auto_scale_lr.base_batch_size == 64
     if detector == "CascadeRCNN":   # ViTDet's heads
-        assert cfg.model.rpn_head.num_convs == 2
+        assert cfg.model.neck.strides == d2["pyramid_strides"]
+        assert (cfg.model.neck.extra_levels, cfg.model.neck.extra_type) == (1, "maxpool")     # LastLevelMaxPool
+        assert cfg.model.rpn_head.num_convs == d2["rpn_convs"]
         assert cfg.model.train_cfg.rpn.allowed_border == -1       # detectron2's RPN boundary_threshold: no anchor dropped
-        for head in cfg.model.roi_head.bbox_head:
+        heads = cfg.model.roi_head.bbox_head
+        for head, stds, rcnn, iou in zip(heads, D2_CASCADE_STDS, cfg.model.train_cfg.rcnn, D2_CASCADE_IOUS):
             assert head.type == "Shared4Conv1FCBBoxHead" and head.norm_cfg == dict(type="LN2d", eps=1e-6)
-            assert head.loss_bbox.type == "L1Loss"
+            assert head.fc_out_channels == d2["box_fc"] and head.reg_class_agnostic
+            assert head.bbox_coder.target_stds == pytest.approx(stds, abs=1e-3)
+            assert head.loss_bbox.type == "L1Loss"                # smooth_l1_beta 0
+            assert rcnn.assigner.pos_iou_thr == rcnn.assigner.neg_iou_thr == iou
         assert cfg.model.roi_head.mask_head.norm_cfg == dict(type="LN2d", eps=1e-6)
+        # one mask head as detectron2's CascadeROIHeads in ViTDet's recipe; the 1x protocol keeps mmdet's
+        assert cfg.model.roi_head.type == ("ViTDetCascadeRoIHead" if recipe == "vitdet_100ep" else "CascadeRoIHead")
     else:
         assert (cfg.model.neck.extra_levels, cfg.model.neck.extra_type) == (2, "conv")   # P6 / P7
     for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
@@ -573,6 +641,9 @@ def test_full_configs(name, arch, layer_decay, detector, recipe):
     assert cfg.val_evaluator.ann_file == "/data/coco/annotations/instances_val2017.json"
     assert cfg.test_evaluator.ann_file == "/other/test.json"
     assert "model.backbone.init_cfg.checkpoint" in changed
+    # pretrained=None: random initialisation, not an error
+    changed = apply_cfg_options(cfg, {"pretrained": None})
+    assert cfg.model.backbone.init_cfg is None and changed == ["model.backbone.init_cfg"]
 
 
 def test_runner_reapplies_user_settings_from_the_config_file(tmp_path):
@@ -665,21 +736,45 @@ def test_swin_classifier_checkpoint_loads_into_mmdets_swin(tmp_path):
         TimmSwinTransformer(**SWIN_TINY, convert_weights=True)
 
 
+# Swin's geometry per size (timm's swin_{tiny,small,base}_patch4_window7_224, the checkpoints the
+# configs load) and the drop path of Swin's own Cascade Mask R-CNN configs
+# (SwinTransformer/Swin-Transformer-Object-Detection configs/swin/cascade_mask_rcnn_swin_{tiny,small,base}_
+# patch4_window7_mstrain_480-800_giou_4conv1f_adamw_*_coco.py: 0.2 / 0.2 / 0.3)
+SWIN_SIZES = {"t": ("swin_tiny_patch4_window7_224", 0.2), "s": ("swin_small_patch4_window7_224", 0.2),
+              "b": ("swin_base_patch4_window7_224", 0.3)}
+
+
 @pytest.mark.parametrize("name, detector", [("retinanet_swin-t_1x_coco", "RetinaNet"),
-                                            ("cascade-mask-rcnn_swin-t_1x_coco", "CascadeRCNN")])
+                                            ("cascade-mask-rcnn_swin-t_1x_coco", "CascadeRCNN"),
+                                            ("cascade-mask-rcnn_swin-s_1x_coco", "CascadeRCNN"),
+                                            ("cascade-mask-rcnn_swin-b_1x_coco", "CascadeRCNN")])
 def test_swin_configs_are_the_papers_1x(name, detector):
+    """ET++ Table 17's rows: the backbone geometry of timm's Swin (what `python -m finetune` trains
+    and the configs load), mmdet's schedule_1x.py, AdamW lr 1e-4 / wd 0.05 (Swin's detection configs)."""
+    import timm
     cfg = Config.fromfile(str(CONFIGS / f"{name}.py"))
     b = cfg.model.backbone
+    timm_name, drop_path = SWIN_SIZES[name.split("swin-")[1][0]]
+    with torch.device("meta"):
+        ref = timm.create_model(timm_name, pretrained=False)
+    depths = [len(stage.blocks) for stage in ref.layers]
+    heads = [stage.blocks[0].attn.num_heads for stage in ref.layers]
     assert cfg.model.type == detector and b.type == "TimmSwinTransformer"
-    assert (b.embed_dims, b.depths, b.num_heads, b.window_size, b.drop_path_rate) == (96, [2, 2, 6, 2],
-                                                                                     [3, 6, 12, 24], 7, 0.2)
+    width = ref.patch_embed.proj.out_channels
+    assert (b.embed_dims, b.depths, b.num_heads, b.window_size, b.drop_path_rate) == (width, depths, heads,
+                                                                                     7, drop_path)
+    widths = [width * 2 ** i for i in range(4)]
+    assert cfg.model.neck.in_channels == (widths if detector == "CascadeRCNN" else widths[1:])
     assert b.init_cfg == dict(type="Pretrained", checkpoint=cfg.pretrained)
-    assert cfg.train_cfg.max_epochs == 12 and cfg.param_scheduler[1].milestones == [8, 11]
+    ref_1x = Config.fromfile(str(MMDET_1X))
+    assert cfg.train_cfg.max_epochs == ref_1x.train_cfg.max_epochs
+    assert cfg.param_scheduler[1].milestones == ref_1x.param_scheduler[1].milestones
     assert cfg.optim_wrapper.optimizer == dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)
-    assert cfg.auto_scale_lr.base_batch_size == 16 and cfg.runner_type == "DetRunner"
+    assert cfg.auto_scale_lr.base_batch_size == ref_1x.auto_scale_lr.base_batch_size and cfg.runner_type == "DetRunner"
     if detector == "CascadeRCNN":
         head = cfg.model.roi_head.bbox_head[0]
         assert (head.num_shared_convs, head.num_shared_fcs, head.loss_bbox.type) == (4, 1, "GIoULoss")
+        assert cfg.model.roi_head.type == "CascadeRoIHead"        # mmdet's, as the papers' (ConvNeXt's) code
     changed = apply_cfg_options(cfg, {"data_root": "/data/coco/", "pretrained": "/w/swin.pth"})
     assert cfg.model.backbone.init_cfg.checkpoint == "/w/swin.pth" and "val_evaluator.ann_file" in changed
 
@@ -1189,7 +1284,7 @@ def test_configs_run_and_resume_with_mmdets_own_train_script(demo_encoder, demo_
         return r.stdout + r.stderr
 
     out = train("--cfg-options", *keys, "train_cfg.max_epochs=1")
-    assert "data_root / pretrained re-applied to: train_dataloader.dataset.data_root" in out
+    assert "data_root / pretrained / image_size re-applied to: train_dataloader.dataset.data_root" in out
     assert "model.backbone.init_cfg.checkpoint" in out and demo_encoder["official_encoder"] in out
     with mmengine_checkpoint_globals():
         n = torch.load(wd / "epoch_1.pth")["meta"]["iter"]

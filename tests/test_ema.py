@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, load_config
+from engine.demo_data import generate_demo_dataset
 from engine.ema import WeightEma
 from finetune.config import FinetuneConfig
 from finetune.main import run
-from pretrain.demo_data import generate_demo_dataset
 
 
 class One(nn.Module):

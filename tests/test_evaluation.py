@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from engine.config import ConfigError, load_config
-from evaluation.knn import knn_accuracy, knn_votes
+from engine.demo_data import generate_demo_dataset
+from engine.knn import knn_accuracy, knn_votes
 from evaluation.probe import linear_probe
 from evaluation.study import StudyConfig, compare, mean_sd, run_study
 from pretrain.config import PretrainConfig
-from pretrain.demo_data import generate_demo_dataset
 from pretrain.main import run
 
 from test_pretrain import read_metrics, tiny_overrides
@@ -121,7 +121,7 @@ def test_evaluate_a_finished_run(folder, tmp_path):
     assert 0 <= res["knn"]["top1"] <= 100 and 0 <= res["probe"]["top1"] <= 100 and res["knn"]["k"] == 5
     # the same numbers as the rule on features extracted here from encoder.pth
     from engine.data import EvalDataset, eval_transform, image_folder
-    from evaluation.knn import extract_features
+    from engine.knn import extract_features
     from evaluation.run_eval import load_encoder, pooled
 
     vit, meta = load_encoder(str(out / "encoder.pth"))
@@ -145,7 +145,7 @@ def test_evaluate_a_finished_run(folder, tmp_path):
     assert len(os.listdir(out / "eval_finetune")) == 2            # another setting: another run, not a resume
     r = subprocess.run([sys.executable, "-m", "evaluation", str(tmp_path / "nowhere")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "the run has not finished" in r.stderr
+    assert r.returncode == 2 and "does not exist: give the folder of a pretraining run" in r.stderr
 
 
 def study_yaml(tmp_path, folder, **extra):
@@ -271,7 +271,7 @@ def test_seed_spread_decides_what_counts_as_a_difference():
 def _gather_worker(rank, world, port, n, out):
     import torch.distributed as tdist
     from engine.distributed import DistInfo
-    from evaluation.knn import extract_features
+    from engine.knn import extract_features
 
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -309,7 +309,7 @@ def _knn_data():
 def _bank_worker(rank, world, port, out):
     import torch.distributed as tdist
     from engine.distributed import DistInfo
-    from evaluation.knn import accuracy_of, extract_bank, extract_features, knn_counts
+    from engine.knn import accuracy_of, extract_bank, extract_features, knn_counts
 
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -331,7 +331,7 @@ def test_sharded_knn_equals_one_process(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
-    from evaluation.knn import extract_bank, knn_votes
+    from engine.knn import extract_bank, knn_votes
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

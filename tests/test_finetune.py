@@ -17,10 +17,10 @@ from engine.optim import param_groups_layer_decay, vit_layer_id
 from engine.trainer import RunBatches
 from finetune.config import ClassifierConfig, FinetuneConfig
 from engine.data import image_folder
+from engine.demo_data import generate_demo_dataset
 from finetune.data import CurriculumTrainDataset
 from finetune.main import run
 from finetune.models import create_classifier, load_pretrained, make_linear_probe
-from pretrain.demo_data import generate_demo_dataset
 from pretrain.main import encoder_state_dict
 from pretrain.models_mae import create_mae
 
@@ -252,3 +252,14 @@ def test_every_shipped_config_loads():
     for f in sorted((root / "pretrain").glob("[a-z]*.yaml")):
         cfg = load_config(PretrainConfig, str(f))
         get_curriculum(cfg.curriculum.name, cfg.model.img_size, cfg.curriculum.multiple_of or cfg.model.patch)
+
+
+def test_timm_defaults_match_the_mae_encoders():
+    """finetune reads an MAE checkpoint's architecture against timm's ViT defaults (it does not import
+    pretrain, its sibling); every MAE encoder has exactly its timm counterpart's shapes."""
+    from finetune.models import _TIMM_VIT_DEFAULTS, MAE_TO_TIMM
+    from pretrain.models_mae import ARCHS
+
+    assert set(MAE_TO_TIMM) == set(ARCHS)
+    for arch, name in MAE_TO_TIMM.items():
+        assert {k: ARCHS[arch][k] for k in _TIMM_VIT_DEFAULTS[name]} == _TIMM_VIT_DEFAULTS[name], arch

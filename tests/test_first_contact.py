@@ -15,12 +15,12 @@ import finetune.main as finetune_main
 import pretrain.main as pretrain_main
 from engine.checkpoint import load_checkpoint
 from engine.config import load_config
+from engine.demo_data import generate_demo_dataset
 from engine.trainer import truncate_metrics
 from finetune.config import ClassifierConfig
 from finetune.models import resolve_architecture
 from finetune.task import evaluate
 from pretrain.config import PretrainConfig
-from pretrain.demo_data import generate_demo_dataset
 
 
 @pytest.fixture(scope="module")

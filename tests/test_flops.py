@@ -1,16 +1,17 @@
 """engine.flops: training FLOPs per sample (meta device = CPU), the saving they imply, the
-`show --model` command line, the Swin window rule and the lines a run logs."""
+`show --model` command line (python -m evaluation.curriculum), the Swin window rule and the lines a run logs."""
 import json
 
 import pytest
 import torch
 import torch.nn as nn
 
-from efficienttrain.__main__ import main as cli
 from efficienttrain.curriculum import get_curriculum, pixel_cost
-from engine.flops import (FlopsError, classifier_builder, cost_from_table, flop_saving, flops_per_sample,
-                          format_savings, log_planned_savings, mae_builder, swin_window, timm_builder,
-                          timm_size_kwargs)
+from engine.flops import (FlopsError, cost_from_table, flop_saving, flops_per_sample, format_savings,
+                          log_planned_savings, swin_window, timm_builder, timm_size_kwargs)
+from evaluation.curriculum import main as cli
+from finetune.flops import classifier_builder
+from pretrain.flops import mae_builder
 
 SMALL_VIT = dict(depth=2, embed_dim=32, num_heads=2)
 SMALL_SWIN = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))

@@ -8,11 +8,11 @@ import pytest
 
 import evaluation.run_eval as run_eval
 import finetune.main as finetune_main
-import pretrain.demo_data as demo_data
+import engine.demo_data as demo_data
 import pretrain.main as pretrain_main
 from engine.data import DataError
+from engine.demo_data import demo_dataset_status, generate_demo_dataset
 from engine.generated import MARKER, Generated, check_target, remove_generated
-from pretrain.demo_data import demo_dataset_status, generate_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from efficienttrain.curriculum import CurriculumError
 from efficienttrain.growth import (AutoProg, GrowthError, GrowthSpace, Prog, SubNet, adareg, balance_alpha,
-                                   capacity_fraction, sample_candidate, select_subnet, vit_cost)
+                                   sample_candidate, select_subnet, snapshot_positions, stage_fraction, vit_cost)
 from efficienttrain.growth_ops import (ElasticBlocks, build_supernet, grow, interpolation_sources, make_elastic,
                                        ordered_state_dict, plan_growth, reset_optimizer_state, set_drop_path)
 
@@ -44,8 +44,28 @@ def test_growth_space_errors_and_candidates():
     assert issubclass(GrowthError, CurriculumError)           # user error -> exit 2 in every CLI
     sp = GrowthSpace.omega("0.5", 224, 12)
     assert len(sp.candidates()) == 16
-    lam = sp.grow_space(SubNet(144, 8))
-    assert set(lam) == {SubNet(s, d) for s in (144, 192, 224) for d in (8, 10, 12)}
+
+
+def grid(sizes, depths):
+    return {SubNet(s, d) for s in sizes for d in depths}
+
+
+def test_search_space_is_the_official_candidate_set_by_hand():
+    # changlin31/AutoProg main_prog.py: stage 0 searches {first, middle, last} of the distinct sizes
+    # and depths; stage k > 0 sizes[r:r+2] x depths[l+1:l+4] around the last choice (r, l)
+    sp = GrowthSpace.omega("0.5", 224, 12)                     # sizes 112/144/192/224, depths 6/8/10/12
+    assert set(sp.search_space(None)) == grid((112, 192, 224), (6, 10, 12))
+    assert set(sp.search_space(SubNet(112, 6))) == grid((112, 144), (8, 10, 12))
+    assert set(sp.search_space(SubNet(144, 8))) == grid((144, 192), (10, 12))
+    assert set(sp.search_space(SubNet(192, 12))) == grid((192, 224), (12,))   # depth complete: it stays
+    assert sp.search_space(SubNet(224, 12)) == (SubNet(224, 12),)
+    # repeated values count once: depths 2,3,3,4 -> 2/3/4
+    tiny = GrowthSpace.build(32, 4, 0.5, 4, 4)
+    assert tiny.sizes == (16, 20, 28, 32) and tiny.depths == (2, 3, 3, 4)
+    assert set(tiny.search_space(None)) == grid((16, 28, 32), (2, 3, 4))
+    assert set(tiny.search_space(SubNet(20, 3))) == grid((20, 28), (4,))
+    with pytest.raises(GrowthError, match="not a sub-network of this growth space"):
+        sp.search_space(SubNet(100, 6))
 
 
 # ---- Prog -----------------------------------------------------------------------------------------
@@ -68,34 +88,37 @@ def test_prog_is_the_uniform_linear_schedule():
 
 def test_autoprog_stages_supernet_phases_and_decisions():
     sp = GrowthSpace.omega("0.5", 224, 12)
-    ap = AutoProg(sp, epochs=100)                              # 25-epoch stages, 2 supernet epochs
+    ap = AutoProg(sp, epochs=100, search_first=False)          # 25-epoch stages, 2 supernet epochs
     assert ap.searched_stages == (1, 2) and ap.pending == 1
     assert ap.at(0.1).subnet == SubNet(112, 6) and ap.at(0.1).phase == "train"
     st = ap.at(0.26)                                           # epoch 26: supernet of stage 1
     assert st.phase == "supernet" and st.stage_index == 1
-    assert set(st.candidates) == set(sp.candidates())          # Lambda_1: everything >= the smallest
-    assert st.subnet == SubNet(224, 12)                        # its largest extent
+    assert set(st.candidates) == grid((112, 144), (8, 10, 12))  # Lambda_1 around the smallest
+    assert st.subnet == SubNet(144, 12) and st.reg_fraction == 1.0   # its largest extent; full AdaReg
     with pytest.raises(GrowthError, match="stage 1.*epoch 27"):
         ap.at(0.28)
     ap = ap.decide(SubNet(144, 8))
     assert ap.at(0.28).subnet == SubNet(144, 8) and ap.at(0.28).phase == "train"
+    assert ap.at(0.28).reg_fraction == pytest.approx(1 / 3)   # AdaReg by stage index
     st2 = ap.at(0.505)
-    assert st2.phase == "supernet" and set(st2.candidates) == set(sp.grow_space(SubNet(144, 8)))
+    assert st2.phase == "supernet" and set(st2.candidates) == grid((144, 192), (10, 12))
     with pytest.raises(GrowthError, match="not in its growth space"):
         ap.decide(SubNet(112, 12))                             # size would shrink
-    ap = ap.decide(SubNet(192, 8))
+    with pytest.raises(GrowthError, match="not in its growth space"):
+        ap.decide(SubNet(192, 8))                              # depth must grow
+    ap = ap.decide(SubNet(192, 10))
     assert ap.pending is None and ap.at(0.8).subnet == SubNet(224, 12)   # last stage: complete model
-    assert ap.schedule() == (SubNet(112, 6), SubNet(144, 8), SubNet(192, 8), SubNet(224, 12))
+    assert ap.schedule() == (SubNet(112, 6), SubNet(144, 8), SubNet(192, 10), SubNet(224, 12))
     with pytest.raises(GrowthError, match="already decided"):
         ap.decide(SubNet(224, 12))
     assert AutoProg.from_dict(ap.to_dict()) == ap
     # planned compute (tokens x blocks), by hand: per stage 25 epochs, supernet phases 2 epochs
     c = vit_cost(16)
     full = c(sp.full)
-    lam1 = sp.candidates()
-    lam2 = sp.grow_space(SubNet(144, 8))
+    lam1 = grid((112, 144), (8, 10, 12))
+    lam2 = grid((144, 192), (10, 12))
     by_hand = (25 * c(SubNet(112, 6)) + 2 * np.mean([c(x) for x in lam1]) + 23 * c(SubNet(144, 8))
-               + 2 * np.mean([c(x) for x in lam2]) + 23 * c(SubNet(192, 8)) + 25 * full) / (100 * full)
+               + 2 * np.mean([c(x) for x in lam2]) + 23 * c(SubNet(192, 10)) + 25 * full) / (100 * full)
     assert ap.compute(c) == pytest.approx(by_hand)
 
 
@@ -103,8 +126,9 @@ def test_autoprog_errors_and_search_first():
     sp = GrowthSpace.omega("0.5", 224, 12)
     with pytest.raises(GrowthError, match="shorter than a stage"):
         AutoProg(sp, epochs=8)                                 # 2-epoch stages cannot hold 2 supernet epochs
-    ap = AutoProg(sp, epochs=40, search_first=True)
+    ap = AutoProg(sp, epochs=40)                               # the official default: stage 0 searched too
     assert ap.searched_stages == (0, 1, 2) and ap.at(0.0).phase == "supernet"
+    assert set(ap.at(0.0).candidates) == grid((112, 192, 224), (6, 10, 12))
 
 
 def test_sample_candidate_is_a_pure_function_of_seed_and_step():
@@ -168,10 +192,23 @@ def test_adareg_matches_the_paper_formula():
     with pytest.raises(GrowthError, match=r"\[0, 1\]"):
         adareg(1.5, 9, 0.1, 0.25)
     sp = GrowthSpace.omega("0.5", 224, 12)
-    assert capacity_fraction(sp, sp.smallest) == 0.0 and capacity_fraction(sp, sp.full) == 1.0
-    # (144-112)/(224-112) and (10-6)/(12-6), averaged
-    assert capacity_fraction(sp, SubNet(144, 10)) == pytest.approx(0.5 * (32 / 112 + 4 / 6))
-    assert Prog(sp).curriculum(9, adaptive=True).stages[0].magnitude == pytest.approx(4.5)
+    # the official progressive_schedule: np.linspace(0.5, 1, 4) * 9 for RandAug, linspace(0, 1, 4) for the rest
+    assert [stage_fraction(k, 4) for k in range(4)] == pytest.approx(list(np.linspace(0, 1, 4)))
+    assert [s.magnitude for s in Prog(sp).curriculum(9, adaptive=True).stages] == pytest.approx(
+        list(np.linspace(0.5, 1, 4) * 9))
+    assert [Prog(sp).at(p).reg_fraction for p in (0.1, 0.3, 0.6, 0.9)] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    with pytest.raises(GrowthError, match="outside"):
+        stage_fraction(4, 4)
+
+
+def test_snapshot_positions_by_hand():
+    # the official code: the last search epoch's start, then every quarter of it (5 measurements)
+    assert snapshot_positions(40, 40) == (0, 10, 20, 30, 40)
+    assert snapshot_positions(80, 40) == (40, 50, 60, 70, 80)          # 2 search epochs: the last one
+    assert snapshot_positions(30, 40) == (0, 8, 15, 22, 30)            # a phase shorter than an epoch: all of it
+    assert snapshot_positions(3, 3) == (0, 1, 2, 3)                    # too short for 5 distinct positions
+    with pytest.raises(GrowthError, match="phase_steps >= 1"):
+        snapshot_positions(0, 10)
 
 
 # ---- growth operators -----------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import torch
 
 from engine.checkpoint import atomic_save, load_checkpoint
 from engine.config import ConfigError, load_config
+from engine.demo_data import generate_demo_dataset
 from pretrain.config import PretrainConfig
-from pretrain.demo_data import generate_demo_dataset
 from pretrain.main import main, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def test_two_process_gloo_run(images, tmp_path):
     ck = load_checkpoint(str(out / "checkpoints" / "checkpoint-latest.pth"))
     losses = [r for r in m if "loss" in r]
     assert ck["samples_seen"] == 8 * losses[-1]["step"]
-    from evaluation.knn import KNNConfig, KNNMonitor
+    from engine.knn import KNNConfig, KNNMonitor
     from engine.distributed import DistInfo
     from pretrain.checkpoints import load_mae
 

@@ -4,25 +4,27 @@ python -m pretrain, exact resume across growth steps and inside a supernet phase
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import timm
 import torch
 from torch import nn
 
-from efficienttrain.growth import SubNet, sample_candidate
+from efficienttrain.fourier import low_frequency_crop
+from efficienttrain.growth import SubNet, sample_candidate, snapshot_positions
 from efficienttrain.growth_ops import compaction, permute_slots
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, load_config
 from engine.ema import WeightEma
 from engine.data import FileSource, image_folder
 from engine.distributed import DistInfo
-from engine.progressive import GrowthConfig, GrowthController, search_subset, subset_line
+from engine.progressive import GrowthConfig, GrowthController, search_subset, shrink_input, subset_line
 from finetune.task import ClassificationTask
 from pretrain.task import folder_labels
 from finetune.config import FinetuneConfig
 from finetune.main import run as run_finetune
 from pretrain.config import PretrainConfig
-from pretrain.demo_data import generate_demo_dataset
+from engine.demo_data import generate_demo_dataset
 from pretrain.main import run as run_pretrain
 
 VIT = dict(patch_size=4, embed_dim=32, depth=4, num_heads=2)
@@ -89,7 +91,7 @@ def test_mogrow_stage_start_takes_the_interpolated_warmed_up_momentum_network_by
         opt.step()
         opt.zero_grad()
         ctl.after_step(model)
-        d = min(0.998, (1 + t) / (10 + t))              # the warm-up: 0.1, 2/11, 0.25 (not 0.998)
+        d = min(ctl.cfg.momentum, (1 + t) / (10 + t))   # the warm-up: 0.1, 2/11, 0.25 (not 0.9996)
         ema = {n: d * e + (1 - d) * model.state_dict()[n] for n, e in ema.items()}
     assert ctl.momentum.updates == 3
     assert not any(p in opt.state for p in model.blocks[2].parameters())      # inactive: never updated
@@ -213,40 +215,119 @@ def test_prog_run_grows_size_and_depth_and_ends_with_the_timm_model(data, tmp_pa
 
 
 def test_autoprog_decides_logs_and_resumes_exactly_across_growth_and_inside_a_supernet(data, tmp_path):
+    flops = "growth.runtime=flops"                                # deterministic choices: exact resume
     full = tmp_path / "full"
-    res = run_finetune(ft(data, full, "growth.schedule=autoprog"))
+    res = run_finetune(ft(data, full, "growth.schedule=autoprog", flops))
     ck = load_checkpoint(str(full / "checkpoints" / "checkpoint-latest.pth"))
     auto = ck["task"]["autoprog"]
-    assert len(auto["decisions"]) == 2 and len(ck["task"]["selections"]) == 2
+    assert len(auto["decisions"]) == 3 and len(ck["task"]["selections"]) == 3   # stages 0, 1, 2 searched
     sel = ck["task"]["selections"][0]
+    # stage 0: the official {first, middle, last}^2 of sizes 16/20/28/32 and depths 2/3/4
+    assert {(c["size"], c["depth"]) for c in sel["candidates"]} == {(s, d) for s in (16, 28, 32) for d in (2, 3, 4)}
+    # Eq. 8's loss: the mean of the supernet phase's snapshots, each measured with the scoring EMA
+    plan = json.loads((full / "plan.json").read_text())["rows"]
+    n0 = plan[0]["end_step"] - plan[0]["start_step"]
+    assert sel["snapshots"] == len(snapshot_positions(n0, n0)) and sel["runtime"] == "flops"
+    for c in sel["candidates"]:
+        assert len(c["snapshot_losses"]) == sel["snapshots"]
+        assert c["loss"] == pytest.approx(sum(c["snapshot_losses"]) / sel["snapshots"])
+        assert c["cost"] == pytest.approx(c["flops"])
     best = min(sel["candidates"], key=lambda c: (c["score"], c["cost"]))
     assert [best["size"], best["depth"]] == sel["choice"]
     loads_into_timm(full / "checkpoints" / "checkpoint-latest.pth")
     log = (full / "log.txt").read_text()
     assert log.count("search subset: 12 images, 4 classes, 3-3 per class") == 1
-    assert ck["task"]["momentum_updates"] == res["step"]           # the warm-up's t, checkpointed
-    # every growth (the two supernets, the complete model) logs its continuity check
+    assert ck["task"]["momentum_updates"] == ck["task"]["scorer_updates"] == res["step"]   # warm-up t, checkpointed
+    assert ck["meta"]["growth"]["search_seconds"] > 0 and "s scoring candidates" in log
+    # every later growth (the two supernets, the complete model) logs its continuity check
     assert [int(ln.split()[2].rstrip(":")) for ln in log.splitlines() if "subset loss before" in ln] == [1, 2, 3]
-    # the supernet phase (plan stage 1): each step trains the seeded sample's size
-    plan = json.loads((full / "plan.json").read_text())["rows"]
-    sup = range(plan[1]["start_step"], plan[1]["end_step"])
+    # the supernet phase (plan stage 0): each step trains the seeded sample's size
+    sup = range(plan[0]["start_step"], plan[0]["end_step"])
     rows = {r["step"]: r for r in metrics(full) if "loss" in r}
     cands = [SubNet(c["size"], c["depth"]) for c in sel["candidates"]]
     assert len(set(rows[s + 1]["size"] for s in sup)) > 1
     assert [rows[s + 1]["size"] for s in sup] == [sample_candidate(cands, s, 0).size for s in sup]
-    # stop inside the first supernet phase, then one step after its choice, then finish
+    # stop inside the first supernet phase (snapshots taken before the stop are kept), one step after
+    # its choice, inside the second supernet phase, then finish
     part = tmp_path / "part"
-    for stop in (plan[1]["start_step"] + 1, plan[2]["start_step"] + 1):
-        run_finetune(ft(data, part, "growth.schedule=autoprog", f"train.max_steps={stop}"))
-    res2 = run_finetune(ft(data, part, "growth.schedule=autoprog"))
+    for stop in (plan[0]["start_step"] + 2, plan[1]["start_step"] + 1, plan[2]["start_step"] + 2):
+        run_finetune(ft(data, part, "growth.schedule=autoprog", flops, f"train.max_steps={stop}"))
+    res2 = run_finetune(ft(data, part, "growth.schedule=autoprog", flops))
     assert res2["step"] == res["step"]
     a = load_checkpoint(str(full / "checkpoints" / "checkpoint-latest.pth"))
     b = load_checkpoint(str(part / "checkpoints" / "checkpoint-latest.pth"))
     assert b["task"]["autoprog"] == a["task"]["autoprog"]
+    for sa, sb in zip(a["task"]["selections"], b["task"]["selections"]):
+        for ca, cb in zip(sa["candidates"], sb["candidates"]):
+            assert ca["snapshot_losses"] == pytest.approx(cb["snapshot_losses"], rel=1e-6)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    for k, v in a["task"]["momentum"].items():
-        assert torch.equal(v, b["task"]["momentum"][k]), k
+    for name in ("momentum", "scorer"):
+        for k, v in a["task"][name].items():
+            assert torch.equal(v, b["task"][name][k]), (name, k)
+
+
+def test_snapshots_score_with_the_ema_in_train_mode_and_time_forward_backward():
+    """The controller's Eq. 8 measurements, with a subset loss that reports what it was given: the
+    scoring EMA (not the model) in train mode, each candidate's blocks and size, and T = the time of
+    the backward pass it was asked for (here a sleep proportional to depth x size)."""
+    import time as _time
+    seen = []
+
+    def subset_loss(net, size, backward=False):
+        seen.append((net, net.training, len(list(net.blocks)), size, backward))
+        if backward:
+            _time.sleep(0.01 * len(list(net.blocks)) * size / 16)
+        return 1.0 + 0.01 * size
+
+    model = tiny_vit(drop_path=0.1)
+    ctl = GrowthController(GrowthConfig(schedule="autoprog", search_epochs=1, search_images=10), model,
+                           final_size=32, patch_size=4, epochs=8, embed_dim=32, drop_path=0.1,
+                           subset_loss=subset_loss, log=lambda m: None)
+    plan = ctl.curriculum(9.0).plan(8, 64, 8)                # 8 steps per epoch, 2-epoch stages
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ctl.prepare_stage(model, plan.stages[0], opt)
+    assert ctl._positions == (0, 2, 4, 6, 8)
+    ctl.before_step(model, plan.at(0))
+    cands = ctl.supernet.candidates
+    timed = [s for s in seen if s[4]]
+    assert len(timed) == len(cands) + 1                       # one untimed warm-up pass, then each candidate
+    assert all(net is ctl.scorer.module and training for net, training, *_ in seen)
+    assert [(d, sz) for _, _, d, sz, _ in timed[1:]] == [(c.depth, c.size) for c in cands]
+    snap = ctl.snapshots[0]
+    assert snap["at"] == 0 and snap["losses"] == pytest.approx([1.0 + 0.01 * c.size for c in cands])
+    expect = [0.01 * c.depth * c.size / 16 / 10 for c in cands]          # per image of the 10-image subset
+    for got, want in zip(snap["times"], expect):              # a sleep lasts at least its time; a busy machine adds
+        assert want <= got < want + 0.02, (got, want)
+    assert not ctl.scorer.module.training and all(p.grad is None and not p.requires_grad
+                                                  for p in ctl.scorer.module.parameters())
+    assert all(p.grad is None for p in model.parameters())  # the model's gradients untouched
+    seen.clear()
+    ctl.before_step(model, plan.at(1))
+    assert seen == [] and len(ctl.snapshots) == 1            # not a snapshot position
+    ctl.before_step(model, plan.at(2))
+    assert len(ctl.snapshots) == 2 and ctl.snapshots[1]["times"] is None and not any(s[4] for s in seen)
+
+
+def test_autoprog_measures_runtime_and_shrinks_bilinearly(data, tmp_path):
+    """The default scoring: T is the measured forward+backward time per image (larger candidates
+    take longer), and inputs shrink by bilinear interpolation without antialiasing (the official)."""
+    out = tmp_path / "measured"
+    run_finetune(ft(data, out, "growth.schedule=autoprog", "growth.stages=2"))
+    sel = load_checkpoint(str(out / "checkpoints" / "checkpoint-latest.pth"))["task"]["selections"][0]
+    assert sel["runtime"] == "measured"
+    loss = np.array([c["loss"] for c in sel["candidates"]])
+    t = np.array([c["cost"] for c in sel["candidates"]])
+    assert (t > 0).all() and not np.allclose(t, [c["flops"] for c in sel["candidates"]])
+    # Eq. 8 with the measured T, by numpy: alpha from the log-log least-squares trend, then argmin
+    slope = np.polyfit(np.log(t), np.log(loss), 1)[0]
+    assert sel["alpha"] == pytest.approx(max(-slope, 0.0), abs=1e-9)
+    i = int(np.argmin(loss * t ** sel["alpha"]))
+    assert [sel["candidates"][i]["size"], sel["candidates"][i]["depth"]] == sel["choice"]
+    x = torch.rand(2, 3, 32, 32)
+    ref = nn.functional.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
+    assert torch.equal(shrink_input(x, 20, "bilinear"), ref)
+    assert torch.allclose(shrink_input(x, 20, "fourier"), low_frequency_crop(x, 20))
 
 
 def test_mae_pretraining_grows_the_encoder_and_exports_a_full_encoder(data, tmp_path):
@@ -270,6 +351,10 @@ def test_mae_pretraining_grows_the_encoder_and_exports_a_full_encoder(data, tmp_
 @pytest.mark.parametrize("extra, match", [
     (["curriculum.name=etpp"], "curriculum.name must be baseline"),
     (["data.lowfreq=cpu-lanczos"], "cpu-lanczos"),
+    (["data.lowfreq=downsample"], "growth.shrink"),
+    (["growth.runtime=guess"], "allowed: measured, flops"),
+    (["growth.shrink=nearest"], "allowed: bilinear, fourier"),
+    (["growth.score_momentum=1.0"], "score_momentum must be in"),
     (["train.ema_decay=0.99"], "ema_decay"),
     (["model.resize=official"], "model.resize=forward"),
     (["model.layer_decay=0.75"], "layer_decay=1.0"),

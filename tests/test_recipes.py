@@ -175,7 +175,7 @@ def test_replay_memory_per_process_and_host_check():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from pretrain.demo_data import generate_demo_dataset
+    from engine.demo_data import generate_demo_dataset
 
     root = tmp_path_factory.mktemp("demo") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(root), num_images=48, size=40, val_fraction=0.25)

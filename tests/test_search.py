@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from efficienttrain.__main__ import main as cli
 from efficienttrain.curriculum import Curriculum, et as builtin_et
 from efficienttrain.search import (SearchError, TrialCache, et_schedule, etpp_schedule, search_et, search_etpp,
                                    signature)
 from engine.config import ConfigError
+from evaluation.curriculum import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ def test_interrupted_search_continues_without_repeating_trials(tmp_path):
 # ---- the proxy YAML, the CLI and one tiny real search -------------------------------------------------
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from pretrain.demo_data import generate_demo_dataset
+    from engine.demo_data import generate_demo_dataset
 
     root = tmp_path_factory.mktemp("labelled") / "set"   # the generator makes its own folder
     generate_demo_dataset(str(root), num_images=48, size=40, val_fraction=0.25)

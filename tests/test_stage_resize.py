@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from efficienttrain.curriculum import get_curriculum
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, load_config
+from engine.demo_data import generate_demo_dataset
 from finetune.config import ClassifierConfig, FinetuneConfig
 from finetune.main import run
 from finetune.models import create_classifier
 from finetune.resize import move_optimizer_state, prepare_for_size
-from pretrain.demo_data import generate_demo_dataset
 
 SWIN = dict(embed_dim=8, depths=(1, 2, 1, 2), num_heads=(1, 1, 2, 2))
 DEIT = dict(embed_dim=32, depth=1, num_heads=2)

@@ -14,12 +14,12 @@ from PIL import Image
 
 from engine.checkpoint import CheckpointWriter, load_checkpoint
 from engine.config import load_config
+from engine.demo_data import generate_demo_dataset
+from engine.pos_embed import sincos_pos_embed
 from engine.trainer import CurriculumTrainer
 from pretrain.config import PretrainConfig
-from pretrain.demo_data import generate_demo_dataset
 from pretrain.main import run
 from pretrain.models_mae import create_mae
-from pretrain.pos_embed import sincos_pos_embed
 
 from test_pretrain import read_metrics, tiny_overrides
 
@@ -190,7 +190,7 @@ def test_run_reports_measured_against_planned_saving(images, tmp_path, capsys):
     assert s["planned_speedup"] == pytest.approx(2.0)                               # 3 / 1.5 equivalent epochs
     assert "measured" in capsys.readouterr().out
     # a run stopped before its final-size stage cannot measure the saving, and says so
-    run(cfg_for(*tiny_overrides(images, tmp_path / "part", "train.max_steps=3")))
+    run(cfg_for(*tiny_overrides(images, tmp_path / "part", "train.max_steps=3", "curriculum.baseline_epochs=3")))
     assert json.load(open(tmp_path / "part" / "summary.json"))["measured_speedup"] is None
     assert "measured: not available" in capsys.readouterr().out
 

@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from evaluation.knn import extract_bank, extract_features, knn_counts  # noqa: E402
+from engine.knn import extract_bank, extract_features, knn_counts  # noqa: E402
 
 CHUNK, BLOCK = 1024, 65536          # knn_votes' defaults: queries x bank rows scored at a time
 

@@ -18,6 +18,9 @@ Prints a table and saves JSON (with the device name) under benchmarks/results/.
     python tools/benchmark_pretrain.py --arch mae_vit_tiny_patch16 --batch 32 --device cpu --steps 3 \
         --data ../shared/datasets/imagenette-112/train --img-size 112 --patch-size 8
     python tools/benchmark_pretrain.py --compare-demo [--config configs/pretrain/demo.yaml] [--repeats 2]
+
+``--data`` above: Imagenette2 (fast.ai, https://github.com/fastai/imagenette; the recorded numbers read a
+copy resized to 112x112 in ../shared/datasets/imagenette-112, beside the clone), or any image folder.
 """
 from __future__ import annotations
 
@@ -82,7 +85,7 @@ def timed_run(config: str, overrides: List[str], out: str) -> Dict[str, float]:
 def compare_demo(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, os.path.join(ROOT, args.config), list(args.overrides))
     if cfg.data.demo:   # generate the demo set first: its one-off creation is not part of either run
-        from pretrain.demo_data import generate_demo_dataset
+        from engine.demo_data import generate_demo_dataset
 
         generate_demo_dataset(os.path.join(ROOT, cfg.data.path), cfg.data.demo_images)
     baseline_epochs = cfg.curriculum.baseline_epochs or cfg.curriculum.epochs

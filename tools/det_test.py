@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Evaluate ``args.checkpoint``; returns the metrics (``coco/bbox_mAP``, ...). The test data (a
     demo set's verdict: a user's folder is refused) and the checkpoint are checked before anything
     is written or built; ``--dry-run`` stops there and prints what it checked."""
-    cfg = load_config(args)
+    cfg = load_config(args, load_from=args.checkpoint)   # (a backbone geometry left to the files may come from it)
     said = check_data(cfg, ["test_dataloader"], make_demo_coco.status, make_demo_coco.notice)
     check_detector_checkpoint(cfg, args.checkpoint, CKPT_LABEL)   # before the test set is built
     if args.dry_run:

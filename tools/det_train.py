@@ -1,13 +1,24 @@
 #!/usr/bin/env python
 """Train a detector from configs/detection/ (MMDetection 3.x with the toolkit's plug-in).
 
-    .venv/bin/python tools/det_train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--dry-run]
+    .venv/bin/python tools/det_train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp | --no-amp] [--dry-run]
                                        [--cfg-options data_root=/data/coco/ pretrained=PATH ...]
 
 ``--resume`` continues the latest checkpoint in the work dir (or CKPT) with its optimizer,
 scheduler, iteration and log state; checkpoints are read with ``torch.load(weights_only=True)``
 (see detection/runner.py). ``--cfg-options data_root=... pretrained=...`` also update every field
-derived from them. Multi-GPU / multi-node: tools/det_dist_train.sh.
+derived from them; ``pretrained=None`` trains from random weights; ``image_size=128`` makes every
+input size (resize, crop, padded square, the ViT's tables) a 128-px square, e.g. for a smoke run.
+Mixed precision follows the device unless told (``amp``, detection/amp.py): a config's
+AmpOptimWrapper trains in fp32 on a machine without CUDA, with a logged notice; ``--amp`` insists
+on it (CUDA), ``--no-amp`` always trains in fp32. A CPU smoke run of any full config:
+
+    .venv/bin/python tools/det_train.py CONFIG --work-dir /tmp/smoke --cfg-options data_root=DIR/ \
+        pretrained=None image_size=128 train_dataloader.batch_size=1 train_cfg.max_iters=2 \
+        val_cfg=None val_dataloader=None val_evaluator=None default_hooks.checkpoint=None
+
+(epoch-based 1x configs: ``train_cfg.max_epochs=1 train_dataloader.dataset.indices=2`` in place
+of ``max_iters``). Multi-GPU / multi-node: tools/det_dist_train.sh.
 
 The data (annotation files and image folders; for a demo config, ``demo_coco = True``, the verdict
 of the demo generator, which writes only into a missing folder or one it generated) and the
@@ -35,8 +46,8 @@ from mmengine.runner import find_latest_checkpoint  # noqa: E402
 
 from detection.cli import (MetricsCapture, add_common_args, build_runner, check_data,  # noqa: E402
                            check_detector_checkpoint, check_pretrained, coco_table, ensure_demo_data, load_config)
+from detection.amp import resolve_amp  # noqa: E402
 from detection.runner import DetRunner  # noqa: E402
-from engine.config import ConfigError  # noqa: E402
 from engine.errors import run_cli  # noqa: E402
 from engine.stops import RunLock  # noqa: E402
 import make_demo_coco  # noqa: E402  (tools/)
@@ -47,7 +58,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("config", help="config file, e.g. configs/detection/retinanet_vit-b-mae_sfp_1x_coco.py")
     ap.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                     help="resume from CKPT, or without a value from the latest checkpoint in the work dir")
-    ap.add_argument("--amp", action="store_true", help="mixed precision (AmpOptimWrapper; GPU)")
+    amp = ap.add_mutually_exclusive_group()
+    amp.add_argument("--amp", dest="amp", action="store_const", const=True, default=None,
+                     help="mixed precision (AmpOptimWrapper) even for an fp32 config; needs CUDA")
+    amp.add_argument("--no-amp", dest="amp", action="store_const", const=False,
+                     help="fp32 (OptimWrapper) even for an AMP config. Default: the config's `amp` ('auto': "
+                          "an AmpOptimWrapper config trains in fp32 on a machine without CUDA, with a notice)")
     ap.add_argument("--dry-run", action="store_true",
                     help="check the config, the checkpoints and the data as the run would, print the verdict and "
                          "exit without building the runner or writing anything (a demo set is not generated)")
@@ -56,14 +72,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> Config:
+    """The config with the options applied; ``cfg.amp_notice`` holds the AMP notice to log (or None)."""
     cfg = load_config(args)
-    if args.amp:
-        wrapper = cfg.optim_wrapper.get("type", "OptimWrapper")
-        if wrapper not in ("OptimWrapper", "AmpOptimWrapper"):
-            raise ConfigError(f"--amp works with optim_wrapper.type OptimWrapper (made AmpOptimWrapper) or "
-                              f"AmpOptimWrapper; this config uses {wrapper}")
-        cfg.optim_wrapper.type = "AmpOptimWrapper"
-        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+    if args.amp is not None:
+        cfg.amp = args.amp
+    cfg.amp_notice = resolve_amp(cfg)   # before anything is built: --amp without CUDA is refused here
     if args.resume == "auto":
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
@@ -109,7 +122,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = build_config(args)
     said = check_data(cfg, data_loaders(cfg), make_demo_coco.status, make_demo_coco.notice)
     label = check_checkpoints(cfg, args, said)
+    amp_notice = cfg.pop("amp_notice", None)
     if args.dry_run:
+        wrapper = cfg.optim_wrapper.get("type", "OptimWrapper")
+        said.append(amp_notice or f"optimizer wrapper: {wrapper} (amp={cfg.amp!r})")
         print("\n".join([*said, f"work dir: {os.path.abspath(cfg.work_dir)}",
                          "dry run: the config, checkpoints and data check out; nothing was built or written"]))
         return {"dry_run": True, "work_dir": cfg.work_dir}
@@ -124,6 +140,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         runner = build_runner(cfg)
         if isinstance(runner, DetRunner):
             runner.checkpoint_label = label
+        if amp_notice:
+            runner.logger.warning(amp_notice)
         capture = MetricsCapture()
         runner.register_hook(capture, priority="LOWEST")
         runner.train()

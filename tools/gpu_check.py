@@ -180,8 +180,9 @@ def model_only(spec: Dict[str, Any], device: torch.device, cuda_graphs: bool = F
 
 
 def flops_ratio(spec: Dict[str, Any]) -> Dict[str, float]:
-    from engine.flops import flop_ratios, flops_per_sample, mae_builder
+    from engine.flops import flop_ratios, flops_per_sample
     from pretrain.config import ModelConfig
+    from pretrain.flops import mae_builder
 
     cfg = ModelConfig(arch=spec["arch"], img_size=spec["sizes"][-1], patch_size=spec["patch"], **spec["overrides"])
     per = flops_per_sample(mae_builder(cfg), spec["sizes"])

@@ -4,7 +4,9 @@
 # (EfficientTrain++ Table 17: 12 epochs, LR x0.1 after epochs 8 and 11, 16 images per step,
 # single-scale resize + flip; here every image is resized to fit 1024x1024, ViTDet's input, where
 # mmdet's 1x uses 1333x800). AdamW + layer-wise LR decay as ViTDet, mixed precision, activation
-# checkpointing. ViTDet's own recipe (LSJ, 100 epochs): cascade-mask-rcnn_vit-b-mae_vitdet_100ep_coco.py.
+# checkpointing. The RoI head is mmdet's CascadeRoIHead (a mask head per stage, as the papers' 1x
+# Cascade Mask R-CNN, i.e. mmdet's / ConvNeXt's); the 100ep configs use detectron2's single mask head.
+# ViTDet's own recipe (LSJ, 100 epochs): cascade-mask-rcnn_vit-b-mae_vitdet_100ep_coco.py.
 #
 #   bash tools/det_dist_train.sh configs/detection/cascade-mask-rcnn_vit-b-mae_sfp_1x_coco.py 8 \
 #       --cfg-options data_root=/data/coco/ pretrained=runs/mae_vit-b_etpp_400e/encoder.pth

@@ -5,10 +5,13 @@
 # 250-iteration linear warm-up, AdamW lr 1e-4 / weight decay 0.1 / layer decay 0.7. ViTDet
 # publishes no RetinaNet number; this is the same recipe on the one-stage detector.
 #
-#   bash tools/det_dist_train.sh configs/detection/retinanet_vit-b-mae_vitdet_100ep_coco.py 16 \
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash tools/det_dist_train.sh \
+#       configs/detection/retinanet_vit-b-mae_vitdet_100ep_coco.py 8 \
 #       --cfg-options data_root=/data/coco/ pretrained=runs/mae_vit-b_etpp_400e/encoder.pth
+#   (and NODE_RANK=1 on the second node)
 #
-# 64 images per step = 16 GPUs x 4 (batch_size below); with fewer, see the Cascade 100ep config.
+# 64 images per step = 16 GPUs x 4 (batch_size below): two nodes of 8; with fewer, see the Cascade
+# 100ep config.
 _base_ = ['./retinanet_vit-b-mae_sfp_1x_coco.py']
 
 # ---- user settings (inherited: data_root, pretrained; see the 1x config) --------------------------
