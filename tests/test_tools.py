@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -97,3 +98,15 @@ def test_gpu_check_runs_its_checks_on_a_cpu():
     assert set(res["end_to_end"]["images_per_s"]) == set(res["model_only"]["images_per_s"]) == {"16", "24", "32"}
     assert res["wall_efficiency"]["model_only"]["32"] == 1.0 and res["host_syncs_per_step"] is None
     assert "decode on dali" in res["end_to_end"]["decode"]
+
+
+def test_benchmark_cpu_load_reports_idle_and_busy_throughput(tmp_path):
+    out = tmp_path / "load.json"
+    r = tool("tools/benchmark_cpu_load.py", "--steps", "11", "--settings", "threads-1", "--data", tmp_path / "demo",
+             "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(out.read_text())["results"]["threads-1"]
+    assert rep["idle_img_s"] > 0 and rep["busy_img_s"] > 0
+    assert rep["busy_over_idle"] == pytest.approx(rep["busy_img_s"] / rep["idle_img_s"])
+    bad = tool("tools/benchmark_cpu_load.py", "--settings", "fastest")
+    assert bad.returncode == 2 and "allowed: torch-default" in bad.stderr
