@@ -294,7 +294,8 @@ class GrowthController:
         self.subset_images: Optional[int] = None     # the task's Eq. 8 subset size (runtime per image)
         self.reg_fraction = 1.0
         self._stage = (0, "train")                   # the growth stage and phase being trained
-        self._phase_start, self._positions = 0, ()   # supernet phase: its first step, the snapshot positions
+        self._phase_start, self._phase_steps, self._positions = 0, 0, ()   # supernet phase: first step, steps,
+                                                                            # snapshot positions
 
     # ---- the plan -----------------------------------------------------------------------------
     def _fraction(self, k: int, phase: str) -> float:
@@ -422,8 +423,8 @@ class GrowthController:
         self._stage = self.phases[ps.index]
         if self.supernet is not None:
             per_epoch = ps.steps / ps.sample_epochs if ps.sample_epochs > 0 else ps.steps
-            self._phase_start, self._positions = ps.start_step, snapshot_positions(ps.steps, per_epoch, SNAPSHOTS)
-            self._phase_steps = ps.steps
+            self._phase_start, self._phase_steps = ps.start_step, ps.steps
+            self._positions = snapshot_positions(ps.steps, per_epoch, SNAPSHOTS)
         self._activate(self.order if self.supernet is None else self.supernet.order)
         return False
 
@@ -609,7 +610,7 @@ class GrowthController:
     def _time_step(self, net: nn.Module, size: int) -> float:
         """Forward+backward seconds per image of ``net``'s active sub-network at ``size`` (the official
         ``test_throughput``), on the EMA copy so the model's gradients and optimizer stay untouched."""
-        params = [p for p in net.parameters()]
+        params = list(net.parameters())
         for p in params:
             p.requires_grad_(True)
         try:
@@ -617,15 +618,11 @@ class GrowthController:
             t0 = time.perf_counter()
             self.subset_loss(net, size, backward=True)
             self._sync()
-            return (time.perf_counter() - t0) / max(1, self._subset_images)
+            return (time.perf_counter() - t0) / (self.subset_images or self.cfg.search_images)
         finally:
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
-
-    @property
-    def _subset_images(self) -> int:
-        return int(getattr(self, "subset_images", 0) or self.cfg.search_images)
 
     def _sync(self) -> None:
         if self._device().type == "cuda":
@@ -643,9 +640,8 @@ class GrowthController:
                                     "candidates": [{"size": choice.size, "depth": choice.depth}]})
             self.log(f"AutoProg stage {k}: one candidate, {choice}")
             return choice
-        end = getattr(self, "_phase_steps", None)
-        if end is not None and end not in {s["at"] for s in self.snapshots}:
-            self._snapshot(model, end)
+        if self._phase_steps not in {s["at"] for s in self.snapshots}:
+            self._snapshot(model, self._phase_steps)
         losses = {c: sum(s["losses"][i] for s in self.snapshots) / len(self.snapshots) for i, c in enumerate(cands)}
         measured = next((s["times"] for s in self.snapshots if s["times"]), None)
         costs = ({c: measured[i] for i, c in enumerate(cands)} if self.cfg.runtime == "measured" and measured

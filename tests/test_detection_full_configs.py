@@ -23,28 +23,13 @@ import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
 from engine.config import ConfigError  # noqa: E402
+from test_detection import _load_tool, single_thread  # noqa: E402,F401  (single_thread: an autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "detection"
 FULL_CONFIGS = sorted(p.stem for p in [*CONFIGS.glob("*_1x_coco.py"), *CONFIGS.glob("*_100ep_coco.py")])
 CUSTOM_CONFIG = "cascade-mask-rcnn_vit-mae_sfp_custom_coco"
 _RUN_IDS = itertools.count()
-
-
-def _load_tool(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"_tool_full_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -309,6 +309,50 @@ def test_snapshots_score_with_the_ema_in_train_mode_and_time_forward_backward():
     assert len(ctl.snapshots) == 2 and ctl.snapshots[1]["times"] is None and not any(s[4] for s in seen)
 
 
+def _snapshot_worker(rank, world, port, out):
+    import os
+    import time as _time
+
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        def subset_loss(net, size, backward=False):            # each rank measures something else
+            if backward:
+                _time.sleep(0.02 * (rank + 1))
+            return 1.0 + rank + 0.01 * size
+
+        torch.manual_seed(0)
+        model = tiny_vit(drop_path=0.1)
+        ctl = GrowthController(GrowthConfig(schedule="autoprog", search_epochs=1, search_images=10), model,
+                               final_size=32, patch_size=4, epochs=8, embed_dim=32, drop_path=0.1,
+                               subset_loss=subset_loss, log=lambda m: None, seed=0)
+        plan = ctl.curriculum(9.0).plan(8, 64, 8)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        ctl.prepare_stage(model, plan.stages[0], opt)
+        ctl.before_step(model, plan.at(0))
+        torch.save([ctl.supernet.candidates, ctl.snapshots], os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_snapshots_are_averaged_over_ranks_so_every_rank_chooses_alike(tmp_path):
+    """Two gloo processes whose subset losses and timings differ: every rank records the ranks' mean."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_snapshot_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    (cands, a), (_, b) = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert a == b and len(a) == 1
+    assert a[0]["losses"] == pytest.approx([1.5 + 0.01 * c.size for c in cands])          # (1 + 2) / 2 + ...
+    for t in a[0]["times"]:                                    # the mean of 0.02 s and 0.04 s, per image of 10
+        assert 0.003 <= t < 0.003 + 0.02
+
+
 def test_autoprog_measures_runtime_and_shrinks_bilinearly(data, tmp_path):
     """The default scoring: T is the measured forward+backward time per image (larger candidates
     take longer), and inputs shrink by bilinear interpolation without antialiasing (the official)."""
