@@ -102,9 +102,9 @@ class RunLock:
     with a notice. Where the file system has no ``flock`` (some network mounts), the record alone
     decides: a live process on this host, or any holder on another host, keeps the directory."""
 
-    def __init__(self, directory: str, command: str = "") -> None:
+    def __init__(self, directory: str, command: str = "", name: str = LOCK_NAME) -> None:
         self.directory = directory
-        self.path = os.path.join(directory, LOCK_NAME)
+        self.path = os.path.join(directory, name)   # another name: a second lock beside the run's (a driver's)
         self.command = command
         self._fd: Optional[int] = None
         self.notice = ""           # what acquiring found (a stale holder taken over), for the run's log
@@ -168,9 +168,9 @@ class RunLock:
         self.release()
 
     @staticmethod
-    def holder(directory: str) -> Optional[str]:
+    def holder(directory: str, name: str = LOCK_NAME) -> Optional[str]:
         """Who holds ``directory`` now (a dry run's notice), or None; never takes the lock for long."""
-        path = os.path.join(directory, LOCK_NAME)
+        path = os.path.join(directory, name)
         if not os.path.isfile(path):
             return None
         fd = os.open(path, os.O_RDONLY)

@@ -32,7 +32,7 @@ from engine.checkpoint import atomic_write_json
 from engine.config import ConfigError, join_key, load_config
 from engine.errors import RunFailed
 from engine.images import public_dataset_hint
-from engine.stops import RunLock, StopSignals, run_child
+from engine.stops import RunDirBusy, RunLock, StopSignals, run_child
 
 KINDS = ("pretrain", "supervised")
 
@@ -43,6 +43,8 @@ class ArmConfig:
     overrides: List[str] = field(default_factory=list)   # key=value of the base training config
     seeds: Optional[List[int]] = None                    # default: the study's seeds
     baseline: bool = False                               # the reference of the measured speedup
+    equal_compute: str = ""                              # the arm of equal training FLOPs this one is compared
+                                                         # with (report: its own table; plot: the pair joined)
 
     def validate(self, where: str) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
@@ -124,6 +126,10 @@ class StudyConfig:
         if sum(a.baseline for a in self.arms) != 1:
             raise ConfigError(f"{join_key(where, 'arms')}: exactly one arm must have baseline: true (the reference of the "
                               f"measured speedup), got {sum(a.baseline for a in self.arms)}")
+        for a in self.arms:
+            if a.equal_compute and (a.equal_compute not in names or a.equal_compute == a.name):
+                raise ConfigError(f"{join_key(where, 'arms')}: arm {a.name!r} equal_compute: {a.equal_compute!r} must name "
+                                  f"another arm of the study ({', '.join(n for n in names if n != a.name)})")
         if not self.seeds or any(not isinstance(s, int) for s in self.seeds):
             raise ConfigError(f"{join_key(where, 'seeds')} must be a non-empty list of integers")
         if self.nproc < 1:
@@ -406,7 +412,28 @@ def summarize(study: StudyConfig, records: List[Dict[str, Any]]) -> Dict[str, An
                             if m in base["accuracy"]}
     return {"name": study.name, "description": study.description, "kind": study.kind, "config": study.config,
             "data": study.data, "device": ", ".join(sorted({r.get("device") or device_label() for r in records})),
-            "arms": arms, "runs": records}
+            "arms": arms, "equal_compute": equal_compute_pairs(study, arms), "runs": records}
+
+
+def equal_compute_pairs(study: StudyConfig, arms: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Every arm with ``equal_compute`` against that arm: their training FLOPs and wall-time ratios
+    (the pair is only a fair one when the FLOPs ratio is near 1) and the accuracy differences, with
+    the same noise rule as against the baseline."""
+    by_name = {a["arm"]: a for a in arms}
+    pairs = []
+    for arm in study.arms:
+        if not arm.equal_compute:
+            continue
+        a, p = by_name[arm.name], by_name[arm.equal_compute]
+        pairs.append({"arm": a["arm"], "equal_compute": p["arm"],
+                      "flops_ratio": a["train_flops"] / p["train_flops"] if a["train_flops"] and p["train_flops"]
+                      else None,
+                      "wall_ratio": a["wall_s"]["mean"] / p["wall_s"]["mean"],
+                      "difference": {m: v["mean"] - p["accuracy"][m]["mean"] for m, v in a["accuracy"].items()
+                                     if m in p["accuracy"] and None not in (v["mean"], p["accuracy"][m]["mean"])},
+                      "vs_equal_compute": {m: compare(v, p["accuracy"][m]) for m, v in a["accuracy"].items()
+                                           if m in p["accuracy"]}})
+    return pairs
 
 
 def device_label() -> str:
@@ -459,6 +486,14 @@ def write_report(report: Dict[str, Any], out: str, command: str) -> None:
     for a in report["arms"]:
         if not a["baseline"]:
             lines.append(f"- {a['arm']}: " + "; ".join(f"{m} {v}" for m, v in a["vs_baseline"].items()))
+    if report.get("equal_compute"):
+        lines += ["", "At equal compute (each arm against the arm of the same training FLOPs; the pair is fair "
+                  "when the FLOPs ratio is near 1.00):", "",
+                  "| arm | equal-compute arm | FLOPs ratio | wall-time ratio | "
+                  + " | ".join(f"{m} difference" for m in metrics) + " |", "|" + " --- |" * (4 + len(metrics))]
+        for p in report["equal_compute"]:
+            lines.append(f"| {p['arm']} | {p['equal_compute']} | {_num(p['flops_ratio'], '.3f')} | "
+                         f"{p['wall_ratio']:.2f} | " + " | ".join(p["vs_equal_compute"].get(m, "-") for m in metrics) + " |")
     lines += ["", "Wall time is the arms' training steps (data loading included; checkpoints, pictures and "
               "monitor evaluations excluded), summed over resumed processes. The planned speedup is in the pixel "
               "cost (B^2) the curricula are planned with; the FLOPs saving is the baseline arm's training FLOPs "
@@ -478,32 +513,42 @@ def write_report(report: Dict[str, Any], out: str, command: str) -> None:
 
 
 def _plot(report: Dict[str, Any], metrics: List[str], path: str) -> None:
+    """One row per metric: top-1 (mean, error bar one seed sd) against training wall time (with its
+    sd) and against training FLOPs; each arm one colour, equal-compute pairs joined by a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, sharey=True)
-    markers = dict(zip(METRICS["pretrain"] + METRICS["supervised"], "osD^"))
-    for a in report["arms"]:
-        for m in metrics:
-            acc = a["accuracy"].get(m)
-            if acc is None or acc["mean"] is None:
-                continue
-            points = [(axes[0], a["wall_s"]["mean"] / 60)]
-            if a["train_flops"]:
-                points.append((axes[1], a["train_flops"] / 1e12))
-            for ax, x in points:
-                ax.errorbar(x, acc["mean"], yerr=acc["sd"] or 0, marker=markers[m], capsize=3,
-                            label=f"{a['arm']} {m}")
+    rows = max(len(metrics), 1)
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 3.4 * rows), dpi=110, squeeze=False)
+    colours = {a["arm"]: f"C{i % 10}" for i, a in enumerate(report["arms"])}
+    by_name = {a["arm"]: a for a in report["arms"]}
+    xs = (("wall time of training, minutes", lambda a: (a["wall_s"]["mean"] / 60, (a["wall_s"]["sd"] or 0) / 60)),
+          ("training compute, TFLOP (forward + backward)",
+           lambda a: (a["train_flops"] / 1e12, 0.0) if a["train_flops"] else (None, 0.0)))
+    for row, m in enumerate(metrics):
+        for col, (xlabel, xof) in enumerate(xs):
+            ax = axes[row][col]
+            for a in report["arms"]:
+                acc = a["accuracy"].get(m)
+                x, xerr = xof(a)
+                if acc is None or acc["mean"] is None or x is None:
+                    continue
+                ax.errorbar(x, acc["mean"], yerr=acc["sd"] or 0, xerr=xerr or None, marker="o", capsize=3,
+                            color=colours[a["arm"]], label=f"{a['arm']} (n={acc['n']})")
                 ax.annotate(a["arm"], (x, acc["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    axes[0].set_xlabel("wall time of training, minutes")
-    axes[1].set_xlabel("training compute, TFLOP (forward + backward)")
-    axes[0].set_ylabel("top-1 %")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"study {report['name']}")
+            for p in report.get("equal_compute", []):
+                a, b = by_name[p["arm"]], by_name[p["equal_compute"]]
+                pts = [(xof(r)[0], (r["accuracy"].get(m) or {}).get("mean")) for r in (a, b)]
+                if all(x is not None and y is not None for x, y in pts):
+                    ax.plot(*zip(*pts), ls="--", lw=1, color=colours[a["arm"]])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{m} top-1 %")
+            ax.grid(alpha=0.3)
+        axes[row][1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"study {report['name']}" + (": dashed lines join equal-compute pairs"
+                                              if report.get("equal_compute") else ""))
     fig.tight_layout()
     fig.savefig(path + ".tmp.png")
     plt.close(fig)
@@ -512,21 +557,42 @@ def _plot(report: Dict[str, Any], metrics: List[str], path: str) -> None:
 
 def run_study(study: StudyConfig, command: str, log: Callable[[str], None] = print,
               only: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Run every (arm, seed) in order (finished ones are read back), then write the report. One
-    study per output folder (its lock); a signal stops the arm in training cleanly (it saves its
-    step) and the study with it, so the same command continues where it stopped."""
+    """Run every (arm, seed) in order (finished ones are read back), then write the report. Each
+    (arm, seed) is locked (``study.lock`` in its folder) while this process runs it, so several
+    processes can share one study (``--only ARM`` or ``seeds=[K]``, e.g. one per node): an (arm,
+    seed) another live process holds is skipped here, and the report waits for it. A signal stops
+    the arm in training cleanly (it saves its step) and the study with it, so the same command
+    continues where it stopped."""
     unknown = sorted(set(only or []) - {a.name for a in study.arms})
     if unknown:
         raise ConfigError(f"--only: unknown arm(s) {unknown}; the study has {[a.name for a in study.arms]}")
     check_arms(study)
-    with RunLock(study.out(), command) as lock:
-        signals = StopSignals().install()       # between the arms' runs: stop at once, no traceback
-        try:
-            if lock.notice:
-                log(f"[study] {lock.notice}")
-            return _run_arms(study, command, log, only)
-        finally:
-            signals.restore()
+    signals = StopSignals().install()       # between the arms' runs: stop at once, no traceback
+    try:
+        return _run_arms(study, command, log, only)
+    finally:
+        signals.restore()
+
+
+STUDY_LOCK = "study.lock"        # beside the run's own run.lock, which its training child takes
+
+
+def _run_locked(study: StudyConfig, arm: ArmConfig, seed: int, command: str,
+                log: Callable[[str], None]) -> Optional[Dict[str, Any]]:
+    """:func:`run_arm` under the (arm, seed)'s study lock; None when another live process holds it."""
+    run_dir = os.path.join(study.out(), arm.name, f"seed{seed}")
+    try:
+        lock = RunLock(run_dir, command, name=STUDY_LOCK).acquire()
+    except RunDirBusy:
+        log(f"[study] {arm.name} seed {seed}: in use by {RunLock.holder(run_dir, STUDY_LOCK) or 'another process'}; "
+            "skipped here")
+        return None
+    try:
+        if lock.notice:
+            log(f"[study] {arm.name} seed {seed}: {lock.notice}")
+        return run_arm(study, arm, seed, log)
+    finally:
+        lock.release()
 
 
 def _run_arms(study: StudyConfig, command: str, log: Callable[[str], None],
@@ -534,18 +600,21 @@ def _run_arms(study: StudyConfig, command: str, log: Callable[[str], None],
     records = []
     for arm in study.arms:
         for seed in arm.seeds or study.seeds:
-            if only and arm.name not in only:
-                rec = read_record(study, arm, seed)
-                if rec is not None:
-                    records.append(rec)
-                continue
-            records.append(run_arm(study, arm, seed, log))
+            rec = (read_record(study, arm, seed) if only and arm.name not in only
+                   else _run_locked(study, arm, seed, command, log))
+            if rec is not None:
+                records.append(rec)
     missing = [f"{a.name} seed {s}" for a in study.arms for s in (a.seeds or study.seeds)
                if not any(r["arm"] == a.name and r["seed"] == s for r in records)]
     if missing:
         log(f"[study] not finished yet: {', '.join(missing)}; no report yet")
         return {"records": records}
     report = summarize(study, records)
-    write_report(report, study.out(), command)
+    try:
+        with RunLock(study.out(), command):     # two processes finishing together: one writes the report
+            write_report(report, study.out(), command)
+    except RunDirBusy:
+        log(f"[study] another process is writing the report in {study.out()} now")
+        return report
     log(f"[study] report: {os.path.join(study.out(), 'study.md')}")
     return report

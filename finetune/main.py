@@ -124,7 +124,8 @@ def run(cfg: FinetuneConfig, run_name: str = "finetune", opts: Optional[RunOptio
         check_same_classes(train_classes, classes, os.path.join(d.path, d.train_dir), os.path.join(d.path, d.val_dir))
         plan = cur.plan(cfg.curriculum.epochs, len(train_files), t.batch_size, t.accum_steps)
         r.check_plan(plan)
-        log(f"{cfg.mode}: {cfg.model.name} at {cfg.model.img_size}px on {len(train_files)} images / {len(classes)} "
+        model_kw = f" {cfg.model.kwargs}" if cfg.model.kwargs else ""     # e.g. a ViT-Tiny built from vit_base's entry
+        log(f"{cfg.mode}: {cfg.model.name}{model_kw} at {cfg.model.img_size}px on {len(train_files)} images / {len(classes)} "
             f"classes, curriculum {cur.name} ({plan.total_steps} steps), lr {t.base_lr():.3g}")
         savings = (log_planned_savings(classifier_builder(cfg.model), cur, cfg.curriculum.epochs,
                                        cfg.curriculum.baseline_epochs or cfg.curriculum.epochs, log, cfg.model.name)

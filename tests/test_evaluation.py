@@ -241,6 +241,47 @@ def test_bad_study_files_get_clear_errors(folder, tmp_path):
         run_study(load_config(StudyConfig, str(path), ["arms=[{name: a, baseline: true, overrides: [curriculum.epoks=2]}]"]),
                   "test", log=lambda m: None)
     assert not (tmp_path / "study" / "a").exists()
+    with pytest.raises(ConfigError, match=r"arm 'b' equal_compute: 'c' must name another arm of the study \(a\)"):
+        load_config(StudyConfig, str(path), ["arms=[{name: a, baseline: true}, {name: b, equal_compute: c}]"])
+    with pytest.raises(ConfigError, match=r"arm 'a' equal_compute: 'a' must name another arm"):
+        load_config(StudyConfig, str(path), ["arms=[{name: a, baseline: true, equal_compute: a}]"])
+
+
+def test_study_shares_runs_between_processes_and_pairs_equal_compute_arms(folder, tmp_path):
+    """An (arm, seed) another process holds (its study.lock) is skipped and the report waits for it;
+    an arm with equal_compute is reported against that arm (FLOPs ratio, differences, joined plot)."""
+    from engine.stops import RunLock
+    from evaluation.study import STUDY_LOCK
+
+    path = study_yaml(tmp_path, folder)
+    arms = ("arms=[{name: base, baseline: true, overrides: [curriculum.name=baseline, curriculum.epochs=2]}, "
+            "{name: short, overrides: [curriculum.name=baseline, curriculum.epochs=1]}, "
+            "{name: etpp, equal_compute: short, overrides: [curriculum.name=etpp, curriculum.epochs=1, "
+            "curriculum.baseline_epochs=2]}]")
+    study = load_config(StudyConfig, str(path), [arms])
+    held = tmp_path / "study" / "etpp" / "seed0"
+    logs = []
+    with RunLock(str(held), "another study process", name=STUDY_LOCK):
+        res = run_study(study, "test", log=logs.append)
+    assert any("etpp seed 0: in use by" in m and "another study process" in m for m in logs), logs
+    assert "arms" not in res and not (held / "train.log").exists() and not (tmp_path / "study" / "study.json").exists()
+    assert any("not finished yet: etpp seed 0" in m for m in logs)
+    logs.clear()
+    report = run_study(study, "test", log=logs.append)           # the lock released: it runs now
+    assert sum("skipped" in m for m in logs) == 2 and any("etpp seed 0: training" in m for m in logs)
+    arm = {a["arm"]: a for a in report["arms"]}
+    [pair] = report["equal_compute"]
+    assert pair["arm"] == "etpp" and pair["equal_compute"] == "short"
+    assert pair["flops_ratio"] == pytest.approx(arm["etpp"]["train_flops"] / arm["short"]["train_flops"])
+    assert pair["wall_ratio"] == pytest.approx(arm["etpp"]["wall_s"]["mean"] / arm["short"]["wall_s"]["mean"])
+    for m in ("knn", "probe"):
+        diff = arm["etpp"]["accuracy"][m]["mean"] - arm["short"]["accuracy"][m]["mean"]
+        assert pair["difference"][m] == pytest.approx(diff)
+        assert pair["vs_equal_compute"][m].startswith(f"{diff:+.2f} (single seed")
+    md = (tmp_path / "study" / "study.md").read_text()
+    assert "At equal compute" in md and f"| etpp | short | {pair['flops_ratio']:.3f} |" in md
+    assert json.load(open(tmp_path / "study" / "study.json"))["equal_compute"][0]["arm"] == "etpp"
+    assert (tmp_path / "study" / "study.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "study"))))
