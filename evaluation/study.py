@@ -384,6 +384,11 @@ def compare(arm: Dict[str, Any], base: Dict[str, Any]) -> str:
     return f"{d:+.2f} ({'better' if d > 0 else 'worse'}: |diff| > 2 x SE {se:.2f} and > seed spread {spread:.2f})"
 
 
+def compare_arms(arm: Dict[str, Any], ref: Dict[str, Any]) -> Dict[str, str]:
+    """:func:`compare` for every metric both summarized arms have."""
+    return {m: compare(v, ref["accuracy"][m]) for m, v in arm["accuracy"].items() if m in ref["accuracy"]}
+
+
 METRICS = {"pretrain": ("knn", "probe", "finetune"), "supervised": ("val",)}
 
 
@@ -408,8 +413,7 @@ def summarize(study: StudyConfig, records: List[Dict[str, Any]]) -> Dict[str, An
         a["measured_speedup"] = base["wall_s"]["mean"] / a["wall_s"]["mean"]
         a["flops_saving"] = (base["train_flops"] / a["train_flops"]
                              if base["train_flops"] and a["train_flops"] else None)
-        a["vs_baseline"] = {m: compare(v, base["accuracy"][m]) for m, v in a["accuracy"].items()
-                            if m in base["accuracy"]}
+        a["vs_baseline"] = compare_arms(a, base)
     return {"name": study.name, "description": study.description, "kind": study.kind, "config": study.config,
             "data": study.data, "device": ", ".join(sorted({r.get("device") or device_label() for r in records})),
             "arms": arms, "equal_compute": equal_compute_pairs(study, arms), "runs": records}
@@ -431,8 +435,7 @@ def equal_compute_pairs(study: StudyConfig, arms: List[Dict[str, Any]]) -> List[
                       "wall_ratio": a["wall_s"]["mean"] / p["wall_s"]["mean"],
                       "difference": {m: v["mean"] - p["accuracy"][m]["mean"] for m, v in a["accuracy"].items()
                                      if m in p["accuracy"] and None not in (v["mean"], p["accuracy"][m]["mean"])},
-                      "vs_equal_compute": {m: compare(v, p["accuracy"][m]) for m, v in a["accuracy"].items()
-                                           if m in p["accuracy"]}})
+                      "vs_equal_compute": compare_arms(a, p)})
     return pairs
 
 
